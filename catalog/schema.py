@@ -1,0 +1,142 @@
+"""The one Arrow schema per table. Every stage, writer and reader refers to these.
+
+Column docs live in the field metadata (``doc``) so the DuckDB catalog can ``COMMENT ON`` them.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+
+def _f(name: str, typ: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
+    return pa.field(name, typ, nullable=nullable, metadata={"doc": doc})
+
+
+VIDEOS = pa.schema([
+    _f("video_id", pa.string(), "sha256 of the file bytes (first 16 hex digits); a renamed copy has the same id", False),
+    _f("uri", pa.string(), "where the file was read from", False),
+    _f("bytes", pa.int64(), "file size in bytes"),
+    _f("container", pa.string(), "container format name as probed (mp4, matroska/webm, image/jpeg, ...)"),
+    _f("codec", pa.string(), "video codec name (h264, vp8, vp9, mjpeg, ...)"),
+    _f("width", pa.int32(), "coded width in pixels"),
+    _f("height", pa.int32(), "coded height in pixels"),
+    _f("rotation", pa.int16(), "display rotation in degrees from the container's display matrix"),
+    _f("sample_aspect", pa.float32(), "sample (pixel) aspect ratio; 1.0 for square pixels"),
+    _f("display_width", pa.int32(), "width as shown: rotation and sample aspect applied"),
+    _f("display_height", pa.int32(), "height as shown: rotation and sample aspect applied"),
+    _f("display_aspect", pa.float32(), "display_width / display_height"),
+    _f("fps", pa.float64(), "average frame rate (frames / duration)"),
+    _f("fps_variable", pa.bool_(), "true when frame durations vary by more than a few percent"),
+    _f("frames", pa.int64(), "decodable frame count (from PyAV, after edit lists)"),
+    _f("duration", pa.float64(), "seconds"),
+    _f("has_audio", pa.bool_(), "an audio stream is present"),
+    _f("is_image", pa.bool_(), "a still image, treated as a one-frame clip"),
+    _f("decoder", pa.string(), "decoder that produced the frames: decord or pyav (or pillow for images)"),
+    _f("probe_seconds", pa.float64(), "wall time of probing the file"),
+    _f("cut_frames", pa.list_(pa.int64()), "0-based frame numbers where a detected scene starts (hard cuts), before clip limits"),
+    _f("cut_detector", pa.string(), "scene detector and its settings"),
+    _f("num_clips", pa.int32(), "clip spans cut from this video (kept or not)"),
+    _f("run_id", pa.string(), "curation run that produced this row", False),
+])
+
+CLIPS = pa.schema([
+    _f("clip_id", pa.string(), "video_id + ':' + start-end frame span; stable across runs", False),
+    _f("video_id", pa.string(), "source video (videos.video_id)", False),
+    _f("start_frame", pa.int64(), "first frame, 0-based, inclusive"),
+    _f("end_frame", pa.int64(), "last frame, exclusive"),
+    _f("start_s", pa.float64(), "start time in seconds"),
+    _f("end_s", pa.float64(), "end time in seconds"),
+    _f("frames", pa.int64(), "frame count of the span"),
+    _f("duration", pa.float64(), "seconds"),
+    _f("fps", pa.float64(), "source average frame rate"),
+    _f("width", pa.int32(), "display width of the source"),
+    _f("height", pa.int32(), "display height of the source"),
+    _f("is_image", pa.bool_(), "one-frame clip from a still image"),
+    _f("sharpness_min", pa.float32(), "lowest per-frame focus measure (variance of the Laplacian on normalised luma); low = blurred stretch"),
+    _f("sharpness_median", pa.float32(), "median per-frame focus measure"),
+    _f("motion_mean", pa.float32(), "mean optical-flow magnitude, pixels per frame at 256 px; ~0 for a static shot"),
+    _f("motion_max", pa.float32(), "largest per-pair mean flow magnitude"),
+    _f("overlay_score", pa.float32(), "static overlay evidence in [0,1]: edges that persist while the content changes (logos, channel bugs)"),
+    _f("overlay_box", pa.list_(pa.float32()), "[x0, y0, x1, y1] of the static overlay, as fractions of width/height; null when none"),
+    _f("watermark_prob", pa.float32(), "watermark classifier probability (mean over sampled frames)"),
+    _f("watermark_max", pa.float32(), "largest per-frame watermark probability"),
+    _f("aesthetic_mean", pa.float32(), "LAION aesthetic score (about 1-10), mean over ~1 fps frames"),
+    _f("aesthetic_min", pa.float32(), "lowest per-frame aesthetic score"),
+    _f("caption", pa.string(), "dense caption written by the VLM; null when prefiltered"),
+    _f("caption_model", pa.string(), "captioner model id"),
+    _f("caption_tokens", pa.int32(), "generated tokens"),
+    _f("caption_latency_s", pa.float32(), "seconds spent captioning this clip"),
+    _f("caption_similarity", pa.float32(), "CLIP cosine similarity between the caption and the clip's frames"),
+    _f("models", pa.map_(pa.string(), pa.string()), "stage -> model id used for this row (stand-ins are named 'standin:...')"),
+    _f("stage_versions", pa.map_(pa.string(), pa.string()), "stage -> code version that computed its columns"),
+    _f("reject_reasons", pa.list_(pa.string()), "why the clip is dropped at curation time; empty when kept", False),
+    _f("run_id", pa.string(), "curation run that produced this row", False),
+])
+
+REJECTS = pa.schema([
+    _f("uri", pa.string(), "input that could not be processed", False),
+    _f("video_id", pa.string(), "content hash when the file could be read at all"),
+    _f("stage", pa.string(), "stage that failed (probe, decode, scenecut, score, caption, ...)", False),
+    _f("error_class", pa.string(), "exception class", False),
+    _f("message", pa.string(), "what was expected and what came", False),
+    _f("run_id", pa.string(), "curation run that recorded it", False),
+])
+
+RUNS = pa.schema([
+    _f("run_id", pa.string(), "hash of the config and the input listing; a resumed run keeps its id", False),
+    _f("started_at", pa.timestamp("us", tz="UTC"), "when this attempt started"),
+    _f("finished_at", pa.timestamp("us", tz="UTC"), "when this attempt finished"),
+    _f("wall_seconds", pa.float64(), "wall time of this attempt"),
+    _f("input", pa.string(), "input folder or prefix"),
+    _f("output", pa.string(), "output folder"),
+    _f("config", pa.string(), "the full config as JSON"),
+    _f("package_versions", pa.string(), "JSON of package -> version"),
+    _f("counts", pa.string(), "JSON of counter -> value per stage (inputs, videos, clips, kept, rejects, resumed, ...)"),
+    _f("standin_models", pa.bool_(), "true when tiny randomly initialised stand-ins replaced the real models"),
+])
+
+SHARDS = pa.schema([
+    _f("shard", pa.string(), "tar path relative to the shard output folder", False),
+    _f("bucket", pa.string(), "FxHxW", False),
+    _f("frames", pa.int32(), "frames per sample (1 for images)"),
+    _f("height", pa.int32(), "sample height"),
+    _f("width", pa.int32(), "sample width"),
+    _f("fps", pa.float32(), "bucket frame rate"),
+    _f("num_samples", pa.int64(), "samples in the tar"),
+    _f("bytes", pa.int64(), "tar size"),
+    _f("output", pa.string(), "shard output folder"),
+    _f("selection", pa.string(), "SQL WHERE over kept_clips that chose the clips"),
+])
+
+SHARD_SAMPLES = pa.schema([
+    _f("key", pa.string(), "WebDataset __key__", False),
+    _f("clip_id", pa.string(), "clips.clip_id", False),
+    _f("video_id", pa.string(), "videos.video_id", False),
+    _f("shard", pa.string(), "shards.shard", False),
+    _f("bucket", pa.string(), "FxHxW", False),
+    _f("output", pa.string(), "shard output folder"),
+])
+
+TABLES: dict[str, pa.Schema] = {
+    "videos": VIDEOS,
+    "clips": CLIPS,
+    "rejects": REJECTS,
+    "runs": RUNS,
+    "shards": SHARDS,
+    "shard_samples": SHARD_SAMPLES,
+}
+
+
+def empty(name: str) -> pa.Table:
+    return TABLES[name].empty_table()
+
+
+def to_table(name: str, rows: list[dict]) -> pa.Table:
+    """Rows -> table with exactly the schema's columns; a key not in the schema is an error."""
+    schema = TABLES[name]
+    names = set(schema.names)
+    for row in rows:
+        extra = set(row) - names
+        if extra:
+            raise KeyError(f"table {name!r} has no column(s) {sorted(extra)}; columns are {schema.names}")
+    cols = {f.name: [row.get(f.name) for row in rows] for f in schema}
+    return pa.table(cols, schema=schema)
