@@ -1,0 +1,324 @@
+"""The curation run builder: lists inputs, lays the stages out as a Ray Data pipeline, writes the tables.
+
+Output folder layout:
+  OUT/videos.parquet, clips.parquet, rejects.parquet, runs.parquet   the tables (catalog.schema)
+  OUT/_parts/{videos,clips,rejects}/<uri_key>.parquet                per-input results, written as each input completes
+  OUT/_parts/done/<uri_key>.json                                     resume markers
+A killed run, started again with the same config, skips every input that has a done marker and only
+processes the rest; the tables are then rebuilt from all parts, so nothing is duplicated.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from catalog import schema
+from pipeline.analyze import uri_key
+from pipeline.settings import CurateConfig
+from pipeline.stages import ModelSources, analyze_row, get_stage
+
+TABLE_FILES = ("videos", "clips", "rejects")
+
+
+def log(msg: str) -> None:
+    print(f"[curate] {msg}", file=sys.stderr, flush=True)
+
+
+def list_inputs(root: str | Path, extensions: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Media files under ``root`` (sorted, absolute), and the files ignored for their extension."""
+    root = Path(root).expanduser().resolve()
+    if root.is_file():
+        return [str(root)], []
+    if not root.is_dir():
+        raise FileNotFoundError(f"input {root} is neither a file nor a folder")
+    exts = {e.lower() for e in extensions}
+    files, ignored = [], []
+    for p in sorted(root.rglob("*")):
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(root).parts):
+            continue
+        (files if p.suffix.lower() in exts else ignored).append(str(p))
+    return files, ignored
+
+
+def config_json(cfg: CurateConfig) -> str:
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
+
+
+def _scoring_config(cfg: CurateConfig) -> str:
+    """The parts of the config that change results (not where the output goes or how Ray is laid out)."""
+    d = dataclasses.asdict(cfg)
+    d["run"] = {"stages": d["run"]["stages"]}
+    d.pop("ray")
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def make_run_id(cfg: CurateConfig, inputs: list[str]) -> str:
+    h = hashlib.sha256(_scoring_config(cfg).encode())
+    for u in inputs:
+        h.update(u.encode() + b"\0")
+    return "run-" + h.hexdigest()[:12]
+
+
+def _atomic_write_table(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _atomic_write_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _rows_for(table: str, records: list[dict[str, Any]], run_id: str) -> pa.Table:
+    rows = []
+    for rec in records:
+        rec = dict(rec, run_id=run_id)
+        for k in ("models", "stage_versions"):
+            if isinstance(rec.get(k), dict):
+                rec[k] = sorted(rec[k].items())
+        rows.append(rec)
+    return schema.to_table(table, rows)
+
+
+class PartWriter:
+    """Collects rows as they stream out of Ray and writes an input's parts once all its rows have arrived."""
+
+    def __init__(self, out: Path, run_id: str, scoring_hash: str, uris: dict[str, str]) -> None:
+        self.parts = out / "_parts"
+        self.run_id = run_id
+        self.scoring_hash = scoring_hash
+        self.uris = uris
+        self.pending: dict[str, dict[str, Any]] = {}
+        self.counts: Counter[str] = Counter()
+        self.done = 0
+
+    def marker(self, key: str) -> Path:
+        return self.parts / "done" / f"{key}.json"
+
+    def is_done(self, key: str, uri: str) -> bool:
+        m = self.marker(key)
+        if not m.exists():
+            return False
+        try:
+            info = json.loads(m.read_text())
+            st = os.stat(uri)
+        except (OSError, json.JSONDecodeError):
+            return False
+        return (info.get("scoring") == self.scoring_hash and info.get("size") == st.st_size
+                and info.get("mtime_ns") == st.st_mtime_ns)
+
+    def add(self, row: dict[str, Any]) -> None:
+        key = row["uri_key"]
+        p = self.pending.setdefault(key, {"video": None, "reject": None, "clips": [], "expect": None})
+        rec = json.loads(row["record"])
+        if row["kind"] == "reject":
+            p["reject"], p["expect"] = rec, 0
+        elif row["kind"] == "video":
+            p["video"], p["expect"] = rec, int(row["expect"])
+        else:
+            p["clips"].append(rec)
+        if p["expect"] is not None and len(p["clips"]) == p["expect"]:
+            self._flush(key, p)
+
+    def _flush(self, key: str, p: dict[str, Any]) -> None:
+        uri = self.uris[key]
+        if p["reject"] is not None:
+            _atomic_write_table(_rows_for("rejects", [p["reject"]], self.run_id), self.parts / "rejects" / f"{key}.parquet")
+            self.counts["rejected_inputs"] += 1
+            status = f"rejected at {p['reject']['stage']}: {p['reject']['error_class']}: {p['reject']['message']}"
+        else:
+            clips = sorted(p["clips"], key=lambda r: r["start_frame"])
+            _atomic_write_table(_rows_for("clips", clips, self.run_id), self.parts / "clips" / f"{key}.parquet")
+            _atomic_write_table(_rows_for("videos", [p["video"]], self.run_id), self.parts / "videos" / f"{key}.parquet")
+            kept = sum(1 for c in clips if not c["reject_reasons"])
+            self.counts["videos"] += 1
+            self.counts["clips"] += len(clips)
+            self.counts["kept_clips"] += kept
+            for c in clips:
+                for r in c["reject_reasons"]:
+                    self.counts["reject:" + r.split(":")[0]] += 1
+            status = f"{len(clips)} clips, {kept} kept"
+        st = os.stat(uri)
+        _atomic_write_text(json.dumps({"uri": uri, "scoring": self.scoring_hash, "size": st.st_size,
+                                       "mtime_ns": st.st_mtime_ns, "run_id": self.run_id}), self.marker(key))
+        del self.pending[key]
+        self.done += 1
+        log(f"[{self.done}] {Path(uri).name}: {status}")
+
+
+def _read_parts(folder: Path, table: str) -> pa.Table:
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        return schema.empty(table)
+    return pa.concat_tables([pq.read_table(f, schema=schema.TABLES[table]) for f in files])
+
+
+def consolidate(out: Path, uris: set[str]) -> dict[str, int]:
+    """Rebuild the tables from the parts of the current inputs.
+
+    One row per video id (a renamed copy of a file becomes a `dedup` reject), rows sorted by id so a resumed
+    run writes exactly what an uninterrupted one does.
+    """
+    parts = out / "_parts"
+    videos = [v for v in _read_parts(parts / "videos", "videos").to_pylist() if v["uri"] in uris]
+    rejects = [r for r in _read_parts(parts / "rejects", "rejects").to_pylist() if r["uri"] in uris]
+    clips = _read_parts(parts / "clips", "clips").to_pylist()
+    by_id: dict[str, list[dict]] = {}
+    for v in videos:
+        by_id.setdefault(v["video_id"], []).append(v)
+    keep_videos = []
+    for vid, rows in by_id.items():
+        rows.sort(key=lambda r: r["uri"])
+        keep_videos.append(rows[0])
+        for dup in rows[1:]:
+            rejects.append({"uri": dup["uri"], "video_id": vid, "stage": "dedup", "error_class": "DuplicateContent",
+                            "message": f"same content as {rows[0]['uri']} (video_id {vid})", "run_id": dup["run_id"]})
+    kept_ids = {v["video_id"] for v in keep_videos}
+    seen_clips: dict[str, dict] = {}
+    for c in clips:
+        if c["video_id"] in kept_ids:
+            seen_clips.setdefault(c["clip_id"], c)
+    keep_videos.sort(key=lambda r: r["video_id"])
+    clip_rows = sorted(seen_clips.values(), key=lambda r: r["clip_id"])
+    rejects.sort(key=lambda r: (r["uri"], r["stage"]))
+    for name, rows in (("videos", keep_videos), ("clips", clip_rows), ("rejects", rejects)):
+        _atomic_write_table(pa.Table.from_pylist(rows, schema=schema.TABLES[name]), out / f"{name}.parquet")
+    return {"videos": len(keep_videos), "clips": len(clip_rows), "rejects": len(rejects),
+            "kept_clips": sum(1 for c in clip_rows if not c["reject_reasons"])}
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for pkg in ("vidcurate", "ray", "torch", "pyarrow", "av", "decord", "scenedetect", "open-clip-torch",
+                "transformers", "timm", "duckdb", "webdataset", "numpy", "opencv-python"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "absent"
+    return out
+
+
+def resolve_sources(cfg: CurateConfig, out: Path) -> tuple[ModelSources, bool]:
+    """Model locations for the stages. With ``models.standins`` the tiny random stand-ins are built and used."""
+    m = cfg.models
+    caption = cfg.caption
+    if m.standins:
+        from pipeline.models.standins import build_standins
+
+        folder = Path(m.standin_dir) if m.standin_dir else out / "_standins"
+        st = build_standins(folder)
+        log(f"USING TINY RANDOM STAND-IN MODELS from {folder} (scores and captions are meaningless; "
+            f"configure [models] standins=false and real weights for real curation)")
+        caption = dataclasses.replace(caption, backend="transformers", model=str(st.captioner))
+        return ModelSources(
+            watermark=str(st.watermark), clip_model=st.clip_model, clip_pretrained=str(st.clip_pretrained),
+            aesthetic_mlp=str(st.aesthetic_mlp), caption=caption, device=m.device,
+            model_fps=cfg.decode.model_fps, prefilter=cfg.prefilter,
+        ), True
+    return ModelSources(
+        watermark=m.watermark, clip_model=m.clip_model, clip_pretrained=m.clip_pretrained,
+        aesthetic_mlp=m.aesthetic_mlp, caption=caption, device=m.device, model_fps=cfg.decode.model_fps,
+        prefilter=cfg.prefilter,
+    ), False
+
+
+def init_ray(address: str) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    addr = address or os.environ.get("RAY_ADDRESS") or "local"
+    ray.init(address=addr, include_dashboard=False if addr == "local" else None, log_to_driver=True,
+             logging_level="WARNING")
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    output: Path
+    counts: dict[str, int]
+    wall_seconds: float
+    standins: bool
+
+
+def curate(cfg: CurateConfig) -> RunSummary:
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    t0 = time.time()
+    started = dt.datetime.now(dt.timezone.utc)
+    out = Path(cfg.run.output).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for name in cfg.run.stages:  # fail before any work on a typo
+        get_stage(name)
+
+    input_root = cfg.run.input
+    if not input_root:
+        from pipeline.sample import generate_sample
+
+        input_root = str(out / "sample_input")
+        generate_sample(input_root)
+        log(f"no --input given: curating the built-in generated sample in {input_root}")
+    uris, ignored = list_inputs(input_root, cfg.run.extensions)
+    run_id = make_run_id(cfg, uris)
+    scoring_hash = hashlib.sha256(_scoring_config(cfg).encode()).hexdigest()[:16]
+    keys = {uri_key(u): u for u in uris}
+    writer = PartWriter(out, run_id, scoring_hash, keys)
+    todo = [u for u in uris if not writer.is_done(uri_key(u), u)]
+    log(f"run {run_id}: {len(uris)} inputs ({len(uris) - len(todo)} already done, {len(todo)} to process, "
+        f"{len(ignored)} ignored for their extension)")
+
+    standins = False
+    if todo:
+        sources, standins = resolve_sources(cfg, out) if cfg.run.stages else (None, cfg.models.standins)
+        init_ray(cfg.ray.address)
+        ds = ray.data.from_items([{"uri": u} for u in todo], override_num_blocks=len(todo))
+        ds = ds.flat_map(analyze_row, fn_kwargs={"cfg": cfg}, num_cpus=cfg.ray.task_cpus)
+        gpus = cfg.models.num_gpus
+        for name in cfg.run.stages:
+            ds = ds.map_batches(
+                get_stage(name), fn_constructor_kwargs={"sources": sources}, batch_size=cfg.ray.batch_size,
+                batch_format="numpy", compute=ActorPoolStrategy(size=cfg.ray.actors_per_stage),
+                num_cpus=cfg.ray.actor_cpus, num_gpus=gpus or None,
+            )
+        for row in ds.iter_rows():
+            writer.add(row)
+        if writer.pending:
+            raise RuntimeError(f"inputs left incomplete after the dataset finished: {sorted(writer.pending)}")
+    elif cfg.models.standins:
+        standins = True
+
+    counts = consolidate(out, set(uris))
+    counts.update(inputs=len(uris), processed_now=len(todo), resumed_skipped=len(uris) - len(todo),
+                  ignored_extension=len(ignored))
+    counts.update({k: v for k, v in writer.counts.items() if k.startswith("reject:")})
+    wall = time.time() - t0
+    run_row = {
+        "run_id": run_id, "started_at": started, "finished_at": dt.datetime.now(dt.timezone.utc),
+        "wall_seconds": wall, "input": str(input_root), "output": str(out), "config": config_json(cfg),
+        "package_versions": json.dumps(_versions(), sort_keys=True), "counts": json.dumps(counts, sort_keys=True),
+        "standin_models": standins,
+    }
+    runs_path = out / "runs.parquet"
+    runs = pq.read_table(runs_path, schema=schema.RUNS).to_pylist() if runs_path.exists() else []
+    _atomic_write_table(pa.Table.from_pylist(runs + [run_row], schema=schema.RUNS), runs_path)
+    log(f"done in {wall:.1f}s: {counts['videos']} videos, {counts['clips']} clips ({counts['kept_clips']} kept), "
+        f"{counts['rejects']} rejects -> {out}")
+    return RunSummary(run_id, out, counts, wall, standins)

@@ -1,0 +1,115 @@
+"""Config sections of a curation run. Each part of the pipeline reads only its own section."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import ConfigError, from_dict, load_toml
+
+
+@dataclass(frozen=True, kw_only=True)
+class DecodeConfig:
+    """[decode]: the one downscaled frame stream every per-clip stage shares."""
+
+    max_side: int = 384          # longer side of the analysis frames; sharpness is measured at this size
+    analysis_fps: float = 4.0    # frames kept per second for sharpness / overlay (scene cut sees every frame)
+    motion_fps: float = 2.0      # optical flow runs on this subset
+    model_fps: float = 1.0       # frames per second handed to watermark / aesthetic models
+    model_frames_max: int = 8    # cap on frames per clip sent to model stages (captioner picks from these)
+    backend: str = "auto"        # auto | decord | pyav
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefilterConfig:
+    """[prefilter]: curation-time cut-offs. A clip failing any gets a reject reason and skips later model stages.
+
+    None disables a cut-off (the score is still recorded). The catalog's `thresholds` table is where the
+    final "kept" decision lives; these only decide where model time is spent.
+    """
+
+    sharpness_min: float | None = 0.05
+    motion_min: float | None = 0.5
+    motion_max: float | None = None
+    overlay_max: float | None = 0.5
+    watermark_max: float | None = 0.8
+    aesthetic_min: float | None = 4.0
+    caption_similarity_min: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelsConfig:
+    """[models]: where model weights come from. Local paths or hub ids, loaded through the real loaders."""
+
+    standins: bool = True               # build tiny random stand-ins locally and use them instead of the names below
+    standin_dir: str = ""               # default: <output>/_standins
+    device: str = "auto"                # auto | cpu | cuda
+    num_gpus: float = 0.0               # GPUs per model actor (fractions share a GPU)
+    watermark: str = "laion/watermark-detector-efficientnet-b3a"
+    clip_model: str = "ViT-L-14-quickgelu"
+    clip_pretrained: str = "openai"
+    aesthetic_mlp: str = "sac+logos+ava1-l14-linearMSE.pth"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RayConfig:
+    """[ray]: how the run is laid out on the cluster."""
+
+    address: str = ""            # empty: RAY_ADDRESS if set (ray job submit sets it), else an in-process cluster
+    task_cpus: float = 1.0       # per decode+score task
+    actor_cpus: float = 0.25     # per model actor: fractional so actors never starve the decode tasks on small hosts
+    actors_per_stage: int = 1
+    batch_size: int = 8          # clips per model batch
+    max_tasks_in_flight: int = 0  # 0: let Ray decide
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """[run]: what to curate and which stages to run after the CPU stage."""
+
+    input: str = ""              # empty: generate the built-in sample into <output>/sample_input
+    output: str = "out/curate"
+    stages: tuple[str, ...] = ("watermark", "aesthetic", "caption", "caption_qa")
+    extensions: tuple[str, ...] = (
+        ".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".m4a", ".jpg", ".jpeg", ".png", ".webp",
+    )
+    register_catalog: bool = True
+
+
+SECTIONS = ("run", "decode", "scenecut", "prefilter", "models", "caption", "ray")
+
+
+@dataclass(frozen=True, kw_only=True)
+class CurateConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    scenecut: Any = None
+    prefilter: PrefilterConfig = field(default_factory=PrefilterConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
+    caption: Any = None
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    @staticmethod
+    def from_mapping(data: dict[str, Any]) -> CurateConfig:
+        from pipeline.models.captioner import CaptionConfig
+        from pipeline.scenecut import SceneCutConfig
+
+        unknown = sorted(set(data) - set(SECTIONS))
+        if unknown:
+            raise ConfigError(f"unknown section(s) {unknown}; expected some of {list(SECTIONS)}")
+        return CurateConfig(
+            run=from_dict(RunConfig, data.get("run", {}), where="run"),
+            decode=from_dict(DecodeConfig, data.get("decode", {}), where="decode"),
+            scenecut=from_dict(SceneCutConfig, data.get("scenecut", {}), where="scenecut"),
+            prefilter=from_dict(PrefilterConfig, data.get("prefilter", {}), where="prefilter"),
+            models=from_dict(ModelsConfig, data.get("models", {}), where="models"),
+            caption=from_dict(CaptionConfig, data.get("caption", {}), where="caption"),
+            ray=from_dict(RayConfig, data.get("ray", {}), where="ray"),
+        )
+
+    @staticmethod
+    def load(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> CurateConfig:
+        data = load_toml(path) if path else {}
+        for section, values in (overrides or {}).items():
+            data.setdefault(section, {}).update(values)
+        return CurateConfig.from_mapping(data)
