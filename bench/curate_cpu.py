@@ -1,0 +1,112 @@
+"""Throughput of the curation CPU stages against plain decode and the PySceneDetect command line.
+
+Generates a 30 s 640x360 H.264 clip (moving texture with hard cuts), then times, in this process:
+  1. the CPU stages together (probe + one decode + scene cut + sharpness/motion/overlay per clip),
+  2. a plain sequential decode of the same file to RGB frames (PyAV, full resolution),
+  3. the `scenedetect` command line alone (detect-adaptive, its defaults).
+Last line: ratio_vs_decode=X ratio_vs_scenedetect=Y  (targets: >= 0.7 and >= 1.5).
+
+    python bench/curate_cpu.py [--seconds 30] [--repeat 2]
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+
+
+def make_clip(path: Path, seconds: float, w: int = 640, h: int = 360, fps: int = 30) -> int:
+    rng = np.random.default_rng(0)
+    n = int(seconds * fps)
+    shot_len = 5 * fps
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("libx264", rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+        s.codec_context.thread_count = 1
+        s.options = {"crf": "23", "preset": "veryfast"}
+        for i in range(n):
+            shot = i // shot_len
+            if i % shot_len == 0:
+                f1, f2 = rng.uniform(0.01, 0.06, 2)
+                col = rng.uniform(60, 200, 3)
+                blobs = rng.uniform(0, 1, (6, 3)) * [w, h, 40]
+            t = i / fps
+            base = 0.5 + 0.25 * np.sin(f1 * (xx + 40 * t * (shot % 3 + 1))) + 0.25 * np.cos(f2 * (yy - 25 * t))
+            img = base[..., None] * col[None, None, :]
+            for bx, by, br in blobs:
+                cx = (bx + 60 * t) % w
+                img[(xx - cx) ** 2 + (yy - by) ** 2 < (br + 8) ** 2] = 255 - col
+            img = np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+            for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(p)
+        for p in s.encode():
+            out.mux(p)
+    return n
+
+
+def plain_decode(path: Path) -> int:
+    n = 0
+    with av.open(str(path)) as c:
+        for frame in c.decode(video=0):
+            frame.to_ndarray(format="rgb24")
+            n += 1
+    return n
+
+
+def cpu_stages(path: Path) -> int:
+    from pipeline.analyze import analyze_video
+    from pipeline.scenecut import SceneCutConfig
+    from pipeline.settings import DecodeConfig, PrefilterConfig
+
+    res = analyze_video(str(path), DecodeConfig(), SceneCutConfig(), PrefilterConfig())
+    if res.video is None:
+        raise RuntimeError(f"CPU stages rejected the bench clip: {res.reject}")
+    return int(res.video["frames"])
+
+
+def scenedetect_cli(path: Path, workdir: Path) -> None:
+    exe = shutil.which("scenedetect")
+    cmd = [exe] if exe else [sys.executable, "-m", "scenedetect"]
+    subprocess.run(cmd + ["-q", "-i", str(path), "-o", str(workdir), "detect-adaptive", "list-scenes", "-n"],
+                   check=True, stdout=subprocess.DEVNULL)
+
+
+def best_of(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seconds", type=float, default=30.0)
+    ap.add_argument("--repeat", type=int, default=2)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = Path(tmp) / "bench_640x360.mp4"
+        n = make_clip(clip, args.seconds)
+        print(f"clip: {clip.name} {n} frames, {clip.stat().st_size / 1e6:.1f} MB")
+        cpu_stages(clip)  # warm imports and caches outside the timed runs
+        t_dec = best_of(lambda: plain_decode(clip), args.repeat)
+        t_cpu = best_of(lambda: cpu_stages(clip), args.repeat)
+        t_sd = best_of(lambda: scenedetect_cli(clip, Path(tmp)), args.repeat)
+    fps_dec, fps_cpu, fps_sd = n / t_dec, n / t_cpu, n / t_sd
+    print(f"plain decode (PyAV, full res, rgb24): {fps_dec:8.1f} frames/s")
+    print(f"CPU stages (decode+cut+scores):      {fps_cpu:8.1f} frames/s")
+    print(f"scenedetect CLI (detect-adaptive):   {fps_sd:8.1f} frames/s")
+    print(f"ratio_vs_decode={fps_cpu / fps_dec:.2f} ratio_vs_scenedetect={fps_cpu / fps_sd:.2f}")
+
+
+if __name__ == "__main__":
+    main()
