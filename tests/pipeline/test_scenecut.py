@@ -1,0 +1,201 @@
+"""Scene cut: synthetic videos with hard cuts at known frames, real footage joined at known frames, clip limits."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from pipeline.config import ConfigError, from_dict
+from pipeline.scenecut import CutDetector, SceneCutConfig, clip_spans, detect_cuts
+
+MEDIA = Path(__file__).resolve().parents[2] / ".." / "shared" / "media"
+FPS = 24.0
+
+
+def panning_scene(seed: int, n: int, h: int = 192, w: int = 320, tint: tuple[float, float, float] = (1, 1, 1)) -> list[np.ndarray]:
+    """A smooth random texture panning 2 px per frame: steady motion, no cut inside."""
+    rng = np.random.default_rng(seed)
+    base = cv2.resize(rng.integers(0, 256, (h // 12, (w + 2 * n) // 12, 3), dtype=np.uint8), (w + 2 * n, h), interpolation=cv2.INTER_CUBIC)
+    base = np.clip(base * np.asarray(tint), 0, 255).astype(np.uint8)
+    return [np.ascontiguousarray(base[:, 2 * t : 2 * t + w]) for t in range(n)]
+
+
+def join(*scenes: list[np.ndarray]) -> tuple[list[np.ndarray], list[int]]:
+    frames: list[np.ndarray] = []
+    cuts = []
+    for s in scenes:
+        if frames:
+            cuts.append(len(frames))
+        frames += s
+    return frames, cuts
+
+
+@pytest.fixture(scope="module")
+def four_scenes() -> tuple[list[np.ndarray], list[int]]:
+    return join(panning_scene(1, 50), panning_scene(2, 31), panning_scene(3, 66), panning_scene(4, 40))
+
+
+def assert_cuts_match(found: list[int], truth: list[int]) -> None:
+    assert len(found) == len(truth), f"found cuts {found}, expected {truth}"
+    for f, t in zip(found, truth):
+        assert abs(f - t) <= 1, f"found cuts {found}, expected {truth}"
+
+
+@pytest.mark.parametrize("detector", ["adaptive", "content"])
+@pytest.mark.parametrize("luma_only", [False, True])
+def test_hard_cuts_found_at_their_frames(four_scenes, detector: str, luma_only: bool) -> None:
+    frames, truth = four_scenes
+    cuts = detect_cuts(frames, FPS, SceneCutConfig(detector=detector, luma_only=luma_only))
+    assert_cuts_match(cuts, truth)
+
+
+@pytest.mark.parametrize("detector", ["adaptive", "content"])
+def test_single_shot_has_no_cuts(detector: str) -> None:
+    assert detect_cuts(panning_scene(7, 90), FPS, SceneCutConfig(detector=detector)) == []
+
+
+@pytest.mark.parametrize("detector", ["adaptive", "content"])
+def test_luma_only_ignores_a_change_of_colour_alone(detector: str) -> None:
+    # Same texture, red then blue: HSV value (PySceneDetect's luma) equal, hue jumps by 120.
+    # One continuous pan, only the colour changes at frame 40.
+    red = [np.ascontiguousarray(f[..., [0, 0, 0]] * np.array([1, 0, 0], np.uint8)) for f in panning_scene(5, 80)]
+    red, blue = red[:40], [np.ascontiguousarray(f[..., ::-1]) for f in red[40:]]
+    frames, truth = join(red, blue)
+    assert_cuts_match(detect_cuts(frames, FPS, SceneCutConfig(detector=detector)), truth)
+    assert detect_cuts(frames, FPS, SceneCutConfig(detector=detector, luma_only=True)) == []
+
+
+def test_cut_in_the_last_frames_is_flushed() -> None:
+    # The adaptive detector judges frame i only after seeing two more; finish() must still report a
+    # cut whose new scene is long enough but whose tail arrives last.
+    frames, truth = join(panning_scene(1, 40), panning_scene(2, 15))
+    assert_cuts_match(detect_cuts(frames, FPS, SceneCutConfig()), truth)
+    assert_cuts_match(detect_cuts(frames, FPS, SceneCutConfig(detector="content")), truth)
+
+
+def test_cuts_closer_than_min_scene_are_not_reported_twice() -> None:
+    frames, _ = join(panning_scene(1, 40), panning_scene(2, 3), panning_scene(3, 40))
+    cuts = detect_cuts(frames, FPS, SceneCutConfig(min_scene_s=0.6))
+    assert len(cuts) == 1 and 39 <= cuts[0] <= 44, cuts
+
+
+def test_detector_streams_with_frame_numbers_and_names_itself(four_scenes) -> None:
+    frames, truth = four_scenes
+    det = CutDetector(SceneCutConfig(detector="adaptive", detect_width=96), FPS)
+    for i, f in enumerate(frames):
+        det.push(i, f)
+    assert_cuts_match(det.finish(), truth)
+    assert det.name == "adaptive(t=3.0,min=15.0,len=0.6s,luma=False,w=96)"
+    with pytest.raises(RuntimeError, match="after finish"):
+        det.push(len(frames), frames[0])
+
+
+def test_push_rejects_bad_frames_and_order() -> None:
+    det = CutDetector(SceneCutConfig(), FPS)
+    det.push(0, np.zeros((32, 48, 3), np.uint8))
+    with pytest.raises(ValueError, match="strictly increasing"):
+        det.push(0, np.zeros((32, 48, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
+        det.push(1, np.zeros((32, 48), np.uint8))
+    with pytest.raises(ValueError, match="fps"):
+        CutDetector(SceneCutConfig(), 0.0)
+
+
+def test_empty_and_one_frame_inputs() -> None:
+    assert detect_cuts([], FPS, SceneCutConfig()) == []
+    assert detect_cuts([np.zeros((8, 8, 3), np.uint8)], FPS, SceneCutConfig()) == []
+
+
+def test_config_from_toml_dict_validates() -> None:
+    cfg = from_dict(SceneCutConfig, {"detector": "content", "luma_only": True, "max_clip_s": 8})
+    assert cfg.detector == "content" and cfg.max_clip_s == 8.0
+    with pytest.raises(ConfigError, match=r"'adaptive', 'content'.*'hash'"):
+        SceneCutConfig(detector="hash")
+    with pytest.raises(ConfigError, match="unknown key"):
+        from_dict(SceneCutConfig, {"treshold": 3})
+    with pytest.raises(ConfigError, match="min_clip_s"):
+        SceneCutConfig(min_clip_s=5, max_clip_s=4)
+
+
+# ---- clip_spans (24 fps: trim 0.25 s = 6 frames, min 2 s = 48, max 10 s = 240) ----
+
+CFG = SceneCutConfig()
+
+
+def test_spans_trim_both_ends_of_each_scene() -> None:
+    assert clip_spans([100], 200, FPS, CFG) == [(6, 94), (106, 194)]
+
+
+def test_spans_drop_scenes_short_after_trimming() -> None:
+    # [0,59) trims to 47 frames < 48: dropped; [59,119) trims to 48: kept.
+    assert clip_spans([59, 119], 300, FPS, CFG) == [(65, 113), (125, 294)]
+
+
+def test_spans_split_long_scene_into_equal_pieces() -> None:
+    spans = clip_spans([], 24 * 25, FPS, CFG)  # one 25 s scene, 24.5 s after trimming
+    assert len(spans) == 3
+    lengths = [e - s for s, e in spans]
+    assert max(lengths) - min(lengths) <= 1 and all(48 <= n <= 240 for n in lengths)
+    assert spans[0][0] == 6 and spans[-1][1] == 600 - 6
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), "pieces of one scene are contiguous"
+
+
+def test_spans_scene_just_over_max_is_split_in_two() -> None:
+    spans = clip_spans([], 241 + 12, FPS, CFG)
+    assert [e - s for s, e in spans] == [120, 121]
+
+
+def test_spans_no_cuts_short_video_is_one_clip() -> None:
+    assert clip_spans([], 120, FPS, CFG) == [(6, 114)]
+
+
+def test_spans_one_frame_and_empty_inputs() -> None:
+    assert clip_spans([], 1, FPS, CFG) == []
+    assert clip_spans([], 0, FPS, CFG) == []
+
+
+def test_spans_ignore_out_of_range_and_duplicate_cuts() -> None:
+    assert clip_spans([0, 100, 100, 250], 200, FPS, CFG) == [(6, 94), (106, 194)]
+
+
+def test_spans_when_no_equal_split_fits_take_max_pieces() -> None:
+    cfg = SceneCutConfig(trim_s=0, min_clip_s=5, max_clip_s=5)
+    assert clip_spans([], 24 * 12, FPS, cfg) == [(0, 120), (120, 240)]
+
+
+def test_spans_ntsc_rate_limits_are_whole_frames() -> None:
+    fps = 30000 / 1001
+    spans = clip_spans([], 10_000, fps, CFG)
+    assert all(60 <= e - s <= 299 for s, e in spans)
+
+
+# ---- real footage joined at known frames ----
+
+
+def _decode(path: Path, n: int, size: tuple[int, int]) -> list[np.ndarray]:
+    av = pytest.importorskip("av")
+    out = []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            out.append(cv2.resize(frame.to_ndarray(format="rgb24"), size, interpolation=cv2.INTER_AREA))
+            if len(out) == n:
+                break
+    return out
+
+
+@pytest.mark.media
+@pytest.mark.skipif(not MEDIA.is_dir(), reason="needs ../shared/media")
+@pytest.mark.parametrize("detector", ["adaptive", "content"])
+def test_real_footage_joined_cuts_found(detector: str) -> None:
+    size = (320, 180)
+    parts = [
+        _decode(MEDIA / "stream-of-water.webm", 60, size),  # handheld shake
+        _decode(MEDIA / "friday.mp4", 70, size),  # black-and-white film grain
+        _decode(MEDIA / "flower.webm", 50, size),
+        _decode(MEDIA / "bottle-detection.mp4", 40, size),
+    ]
+    frames, truth = join(*parts)
+    assert_cuts_match(detect_cuts(frames, 30.0, SceneCutConfig(detector=detector)), truth)
+    assert detect_cuts(_decode(MEDIA / "friday.mp4", 180, size), 30.0, SceneCutConfig(detector=detector, luma_only=True)) == []
