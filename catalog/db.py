@@ -1,0 +1,518 @@
+"""The DuckDB catalog: every curation run's Parquet tables, thresholds as data, and the views users query.
+
+Layout of a catalog file (what a user sees with ``SHOW TABLES``):
+
+- base tables, one row per run that produced it (columns exactly as in :mod:`catalog.schema`, plus
+  ``registered_at``): ``videos_history``, ``clips_history``, ``rejects``, ``runs`` (one row per run attempt);
+- ``videos`` / ``clips``: views with the latest run of each video only (a re-curated video supersedes its
+  older rows; the history tables keep them);
+- ``thresholds`` (name, value, comment) and the views that apply them to the stored scores:
+  ``clip_verdicts`` (per clip, which thresholds it fails) and ``kept_clips`` (clips that pass all);
+- ``shards`` / ``shard_samples``: written by the shard job; created empty so joins work before any exist.
+
+Registration is keyed by ``run_id``: registering a run folder replaces that run's rows with the folder's
+current content, and registering an unchanged folder again writes nothing at all.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from catalog import schema
+
+# Parquet file (or folder of parts) per table in a curation output folder.
+RUN_FILES: dict[str, str] = {
+    "videos": "videos.parquet",
+    "clips": "clips.parquet",
+    "rejects": "rejects.parquet",
+    "runs": "runs.parquet",
+}
+# Base table holding every registered run's rows of each input table.
+BASE_TABLES: dict[str, str] = {
+    "videos": "videos_history",
+    "clips": "clips_history",
+    "rejects": "rejects",
+    "runs": "runs",
+}
+SHARD_TABLES = ("shards", "shard_samples")
+DEFAULT_FILENAME = "catalog.duckdb"
+
+REGISTERED_AT_DOC = "when this row was copied into the catalog"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Thresholds: one rule per threshold row. kept_clips and clip_verdicts are generated from these rules, so
+# the two views can never disagree.
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ThresholdRule:
+    """How one ``thresholds`` row applies to a clips column."""
+
+    name: str
+    column: str
+    op: str  # ">=" (value is a minimum) or "<=" (value is a maximum)
+    default: float
+    doc: str
+    temporal: bool = False  # meaningless for a still image: not applied to is_image clips
+
+    def __post_init__(self) -> None:
+        assert self.op in (">=", "<="), f"op must be '>=' or '<=', got {self.op!r}"
+        assert self.column in schema.CLIPS.names, f"{self.column!r} is not a clips column"
+
+
+THRESHOLD_RULES: tuple[ThresholdRule, ...] = (
+    ThresholdRule(
+        "sharpness_min", "sharpness_median", ">=", 0.0015,
+        "lowest clips.sharpness_median kept (variance of the Laplacian on luma in [0,1]; ~0.0015 is the "
+        "classic 100-on-0..255 blur cut)",
+    ),
+    ThresholdRule(
+        "motion_min", "motion_mean", ">=", 1.0,
+        "lowest clips.motion_mean kept, px/s at 256 px (drops static shots and slideshows); not applied to images",
+        temporal=True,
+    ),
+    ThresholdRule(
+        "motion_max", "motion_mean", "<=", 150.0,
+        "highest clips.motion_mean kept, px/s at 256 px (drops whip pans and shaky footage); not applied to images",
+        temporal=True,
+    ),
+    ThresholdRule(
+        "overlay_max", "overlay_score", "<=", 0.5,
+        "highest clips.overlay_score kept (static logos, channel bugs, burnt-in text); not applied to images, "
+        "which have no content change to tell an overlay from the scene",
+        temporal=True,
+    ),
+    ThresholdRule(
+        "watermark_max", "watermark_prob", "<=", 0.8,
+        "highest clips.watermark_prob kept (LAION watermark classifier; 0.5-0.8 in use, 0.8 the common choice)",
+    ),
+    ThresholdRule(
+        "aesthetic_min", "aesthetic_mean", ">=", 4.5,
+        "lowest clips.aesthetic_mean kept (LAION aesthetic, ~1-10; 4.5-5.0 typical, 5.5 fair, 6.5 high)",
+    ),
+    ThresholdRule(
+        "caption_similarity_min", "caption_similarity", ">=", 0.2,
+        "lowest CLIP cosine similarity between caption and frames kept (catches captions about something else)",
+    ),
+    ThresholdRule(
+        "duration_min", "duration", ">=", 2.0,
+        "shortest clip kept, seconds; not applied to images", temporal=True,
+    ),
+    ThresholdRule(
+        "duration_max", "duration", "<=", 10.0,
+        "longest clip kept, seconds; not applied to images", temporal=True,
+    ),
+)
+RULES_BY_NAME = {r.name: r for r in THRESHOLD_RULES}
+
+
+def _rule_passes_sql(rule: ThresholdRule, t: str = "t", c: str = "c") -> str:
+    """SQL boolean, never NULL: the clip passes ``rule``.
+
+    A NULL threshold value (or a missing row) switches the rule off. A NULL score fails: clips prefiltered at
+    curation time have no model scores, and an unscored clip must not pass a threshold on that score.
+    Temporal rules pass still images (they have no motion, overlay or duration to judge).
+    """
+    value = f"{t}.{rule.name}"
+    test = f"coalesce({c}.{rule.column} {rule.op} {value}, false)"
+    exempt = f"{value} IS NULL"
+    if rule.temporal:
+        exempt += f" OR coalesce({c}.is_image, false)"
+    return f"({exempt} OR {test})"
+
+
+def _thresholds_row_sql() -> str:
+    """One row, one column per threshold, read from the thresholds table at query time."""
+    cols = ",\n        ".join(
+        f"max(value) FILTER (WHERE name = '{r.name}') AS {r.name}" for r in THRESHOLD_RULES
+    )
+    return f"(SELECT\n        {cols}\n    FROM thresholds)"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# DDL generated from catalog.schema
+
+
+_SCALAR_TYPES: dict[pa.DataType, str] = {
+    pa.string(): "VARCHAR",
+    pa.large_string(): "VARCHAR",
+    pa.int64(): "BIGINT",
+    pa.int32(): "INTEGER",
+    pa.int16(): "SMALLINT",
+    pa.int8(): "TINYINT",
+    pa.float32(): "FLOAT",
+    pa.float64(): "DOUBLE",
+    pa.bool_(): "BOOLEAN",
+    pa.binary(): "BLOB",
+    pa.date32(): "DATE",
+}
+
+
+def duckdb_type(typ: pa.DataType) -> str:
+    """The DuckDB column type for an Arrow type used in catalog.schema."""
+    if typ in _SCALAR_TYPES:
+        return _SCALAR_TYPES[typ]
+    if pa.types.is_timestamp(typ):
+        return "TIMESTAMPTZ" if typ.tz is not None else "TIMESTAMP"
+    if pa.types.is_map(typ):
+        return f"MAP({duckdb_type(typ.key_type)}, {duckdb_type(typ.item_type)})"
+    if pa.types.is_list(typ) or pa.types.is_large_list(typ):
+        return f"{duckdb_type(typ.value_type)}[]"
+    raise TypeError(f"no DuckDB type for Arrow type {typ}; expected one of {list(_SCALAR_TYPES)}, "
+                    "timestamp, list or map")
+
+
+def _q(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _field_doc(field: pa.Field) -> str:
+    meta = field.metadata or {}
+    return meta.get(b"doc", b"").decode()
+
+
+def _table_ddl(name: str, sch: pa.Schema, *, registered_at: bool) -> str:
+    cols = [f"{f.name} {duckdb_type(f.type)}{'' if f.nullable else ' NOT NULL'}" for f in sch]
+    if registered_at:
+        cols.append("registered_at TIMESTAMPTZ NOT NULL")
+    return f"CREATE TABLE IF NOT EXISTS {name} (\n    " + ",\n    ".join(cols) + "\n)"
+
+
+TABLE_DOCS: dict[str, str] = {
+    "videos_history": "every video row of every registered curation run (videos shows the latest run per video)",
+    "clips_history": "every clip row of every registered curation run (clips shows the latest run per video)",
+    "rejects": "inputs that could not be processed, all runs",
+    "runs": "one row per curation run attempt (a resumed run keeps its run_id)",
+    "shards": "WebDataset tars written by jobs.shards",
+    "shard_samples": "which clip went into which shard, bucket and key",
+    "thresholds": "what counts as kept: edit a value (python -m catalog set-threshold) and kept_clips follows at once; "
+                  "NULL value switches a threshold off",
+    "videos": "videos, latest run per video_id",
+    "clips": "clips of the latest run per video_id; every score, kept or not; reject_reasons from curation",
+    "clip_verdicts": "per clip: curation reject_reasons, the thresholds it fails now, and whether it is kept",
+    "kept_clips": "clips with no curation reject_reasons that pass every threshold in the thresholds table",
+    "column_docs": "what every column of every table and view means: start here",
+    "_registrations": "run folders registered and the fingerprint of their Parquet files (makes re-registration a no-op)",
+}
+
+
+def _schema_for(table: str) -> pa.Schema:
+    for key, base in BASE_TABLES.items():
+        if base == table:
+            return schema.TABLES[key]
+    return schema.TABLES[table]
+
+
+def _ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
+    for table in [*BASE_TABLES.values(), *SHARD_TABLES]:
+        sch = _schema_for(table)
+        has_registered_at = table in BASE_TABLES.values()
+        con.execute(_table_ddl(table, sch, registered_at=has_registered_at))
+        # A catalog made by an older schema.py gains the columns added since (schema edits are additive).
+        existing = {r[0] for r in con.execute(
+            "SELECT column_name FROM duckdb_columns() WHERE table_name = ? AND schema_name = 'main'", [table]
+        ).fetchall()}
+        for f in sch:
+            if f.name not in existing:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {f.name} {duckdb_type(f.type)}")
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS thresholds (name VARCHAR PRIMARY KEY, value DOUBLE, comment VARCHAR)"
+    )
+    con.executemany(
+        "INSERT OR IGNORE INTO thresholds VALUES (?, ?, ?)",
+        [(r.name, r.default, r.doc) for r in THRESHOLD_RULES],
+    )
+    con.execute(
+        "CREATE TABLE IF NOT EXISTS _registrations (run_dir VARCHAR PRIMARY KEY, fingerprint VARCHAR NOT NULL, "
+        "run_ids VARCHAR[] NOT NULL, registered_at TIMESTAMPTZ NOT NULL)"
+    )
+
+
+def _view_sql() -> dict[str, str]:
+    """The user-facing views, in creation order."""
+    videos_cols = ", ".join(f"v.{n}" for n in schema.VIDEOS.names)
+    clips_cols = ", ".join(f"c.{n}" for n in schema.CLIPS.names)
+    fails = ",\n            ".join(
+        f"CASE WHEN NOT {_rule_passes_sql(r)} THEN '{r.name}' END" for r in THRESHOLD_RULES
+    )
+    passes_all = "\n      AND ".join(_rule_passes_sql(r) for r in THRESHOLD_RULES)
+    return {
+        # Latest run of each video: the run that started last (registration time when a run has no start time).
+        "_latest_video_run": f"""
+            CREATE OR REPLACE VIEW _latest_video_run AS
+            WITH run_order AS (
+                SELECT run_id, coalesce(min(started_at), min(registered_at)) AS began, min(registered_at) AS reg
+                FROM runs GROUP BY run_id
+            )
+            SELECT v.video_id,
+                   arg_max(v.run_id, (coalesce(o.began, v.registered_at), coalesce(o.reg, v.registered_at),
+                                      v.run_id)) AS run_id
+            FROM videos_history v LEFT JOIN run_order o USING (run_id)
+            GROUP BY v.video_id""",
+        "videos": f"""
+            CREATE OR REPLACE VIEW videos AS
+            SELECT {videos_cols} FROM videos_history v
+            SEMI JOIN _latest_video_run l ON v.video_id = l.video_id AND v.run_id = l.run_id""",
+        "clips": f"""
+            CREATE OR REPLACE VIEW clips AS
+            SELECT {clips_cols} FROM clips_history c
+            SEMI JOIN _latest_video_run l ON c.video_id = l.video_id AND c.run_id = l.run_id""",
+        "clip_verdicts": f"""
+            CREATE OR REPLACE VIEW clip_verdicts AS
+            SELECT c.clip_id, c.video_id, c.run_id, c.is_image, c.reject_reasons,
+                   list_filter([
+            {fails}
+                   ], x -> x IS NOT NULL) AS failed_thresholds,
+                   len(c.reject_reasons) = 0 AND len(failed_thresholds) = 0 AS kept
+            FROM clips c CROSS JOIN {_thresholds_row_sql()} t""",
+        "column_docs": """
+            CREATE OR REPLACE VIEW column_docs AS
+            SELECT table_name, column_name, data_type, comment FROM duckdb_columns()
+            WHERE database_name = current_database() AND schema_name = 'main' AND NOT starts_with(table_name, '_')
+            ORDER BY table_name, column_index""",
+        "kept_clips": f"""
+            CREATE OR REPLACE VIEW kept_clips AS
+            SELECT c.* FROM clips c CROSS JOIN {_thresholds_row_sql()} t
+            WHERE len(c.reject_reasons) = 0
+              AND {passes_all}""",
+    }
+
+
+def _view_columns_docs() -> dict[str, dict[str, str]]:
+    clips_docs = {f.name: _field_doc(f) for f in schema.CLIPS}
+    return {
+        "videos": {f.name: _field_doc(f) for f in schema.VIDEOS},
+        "clips": clips_docs,
+        "kept_clips": clips_docs,
+        "clip_verdicts": {
+            **{k: clips_docs[k] for k in ("clip_id", "video_id", "run_id", "is_image", "reject_reasons")},
+            "failed_thresholds": "names of the thresholds rows this clip fails now (see thresholds.comment)",
+            "kept": "true when the clip is in kept_clips",
+        },
+        "column_docs": {
+            "table_name": "table or view", "column_name": "column", "data_type": "DuckDB type",
+            "comment": "what the column holds",
+        },
+    }
+
+
+def _comment_everything(con: duckdb.DuckDBPyConnection) -> None:
+    for table in [*BASE_TABLES.values(), *SHARD_TABLES]:
+        sch = _schema_for(table)
+        for f in sch:
+            con.execute(f"COMMENT ON COLUMN {table}.{f.name} IS {_q(_field_doc(f))}")
+        if table in BASE_TABLES.values():
+            con.execute(f"COMMENT ON COLUMN {table}.registered_at IS {_q(REGISTERED_AT_DOC)}")
+    thresholds_docs = {
+        "name": "threshold name; the comment says which clips column it applies to",
+        "value": "the limit; NULL switches the threshold off",
+        "comment": "what the threshold does and which clips column it reads",
+    }
+    for col, doc in thresholds_docs.items():
+        con.execute(f"COMMENT ON COLUMN thresholds.{col} IS {_q(doc)}")
+    for view, docs in _view_columns_docs().items():
+        for col, doc in docs.items():
+            con.execute(f"COMMENT ON COLUMN {view}.{col} IS {_q(doc)}")
+    views = {r[0] for r in con.execute("SELECT view_name FROM duckdb_views() WHERE NOT internal").fetchall()}
+    for name, doc in TABLE_DOCS.items():
+        kind = "VIEW" if name in views else "TABLE"
+        con.execute(f"COMMENT ON {kind} {name} IS {_q(doc)}")
+
+
+# Bump when the generated DDL or view SQL changes shape in a way a hash of the SQL would not catch.
+_LAYOUT_VERSION = "1"
+
+
+def _layout_hash() -> str:
+    parts = [_LAYOUT_VERSION, *(_view_sql().values())]
+    for table, sch in schema.TABLES.items():
+        parts.append(table + ":" + ",".join(f"{f.name}:{f.type}:{_field_doc(f)}" for f in sch))
+    parts += [f"{r.name}:{r.doc}" for r in THRESHOLD_RULES]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def _ensure_layout(con: duckdb.DuckDBPyConnection) -> None:
+    """Create or update tables, views and comments; a catalog already up to date is not written to."""
+    con.execute("CREATE TABLE IF NOT EXISTS _catalog_meta (key VARCHAR PRIMARY KEY, value VARCHAR)")
+    want = _layout_hash()
+    row = con.execute("SELECT value FROM _catalog_meta WHERE key = 'layout'").fetchone()
+    if row is not None and row[0] == want:
+        return
+    con.execute("BEGIN TRANSACTION")
+    try:
+        _ensure_tables(con)
+        for sql in _view_sql().values():
+            con.execute(sql)
+        _comment_everything(con)
+        con.execute("INSERT OR REPLACE INTO _catalog_meta VALUES ('layout', ?)", [want])
+        con.execute("COMMIT")
+    except duckdb.Error:
+        con.execute("ROLLBACK")
+        raise
+
+
+def open_catalog(path: str | Path, read_only: bool = False) -> duckdb.DuckDBPyConnection:
+    """Open (and, writable, create or bring up to date) a catalog file.
+
+    Args:
+        path: the ``.duckdb`` file.
+        read_only: open without any write; the file must exist.
+    """
+    path = Path(path)
+    if read_only:
+        if not path.is_file():
+            raise FileNotFoundError(f"catalog {path} does not exist (expected a DuckDB file written by "
+                                    "jobs.curate or `python -m catalog register`)")
+        return duckdb.connect(str(path), read_only=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con = duckdb.connect(str(path))
+    _ensure_layout(con)
+    return con
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registration
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class RegisterResult:
+    """What one ``register_run`` call did."""
+
+    db_path: str
+    run_dir: str
+    run_ids: tuple[str, ...]
+    changed: bool  # false: the folder was registered before with the same content; nothing was written
+    rows: dict[str, int]  # input table -> rows copied (0 for all when unchanged)
+    replaced: dict[str, int]  # base table -> rows of the same run_ids removed first (an earlier registration)
+
+
+class RunFolderError(ValueError):
+    """A curation output folder does not hold the expected Parquet tables."""
+
+
+def _read_run_table(run_dir: Path, key: str) -> pa.Table:
+    path = run_dir / RUN_FILES[key]
+    if not path.exists():
+        found = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
+        raise RunFolderError(f"{run_dir}: expected {RUN_FILES[key]} (one of {sorted(RUN_FILES.values())}), "
+                             f"found {found}")
+    table = pq.read_table(path)
+    want = schema.TABLES[key]
+    missing = [n for n in want.names if n not in table.column_names]
+    extra = [n for n in table.column_names if n not in want.names]
+    if missing or extra:
+        raise RunFolderError(f"{path}: columns differ from catalog.schema {key!r}: missing {missing}, "
+                             f"unexpected {extra}")
+    try:
+        return table.select(want.names).cast(want)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+        raise RunFolderError(f"{path}: cannot cast to catalog.schema {key!r}: {exc}") from exc
+
+
+def _fingerprint(run_dir: Path) -> str:
+    """Hash of the bytes of every Parquet file of the run folder (files or folders of parts)."""
+    h = hashlib.sha256()
+    for key in sorted(RUN_FILES):
+        path = run_dir / RUN_FILES[key]
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        for f in files:
+            h.update(str(f.relative_to(run_dir)).encode() + b"\0")
+            with f.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+    return h.hexdigest()
+
+
+def register_run(db_path: str | Path, run_dir: str | Path) -> RegisterResult:
+    """Copy one curation output folder's tables into the catalog at ``db_path`` (created if absent).
+
+    The folder must hold videos/clips/rejects/runs Parquet with catalog.schema's columns. Rows are keyed by
+    run_id: the run ids found in the folder have their earlier rows replaced, in one transaction, so a resumed
+    run registered again ends with its final rows and no duplicates. An unchanged folder is not written at all.
+    """
+    run_dir = Path(run_dir).resolve()
+    if not run_dir.is_dir():
+        raise RunFolderError(f"run folder {run_dir} does not exist (expected a jobs.curate output folder)")
+    tables = {key: _read_run_table(run_dir, key) for key in RUN_FILES}
+    run_ids = sorted(set().union(*(set(t.column("run_id").to_pylist()) for t in tables.values())))
+    if not run_ids:
+        raise RunFolderError(f"{run_dir}: no rows with a run_id in {sorted(RUN_FILES.values())}")
+    fingerprint = _fingerprint(run_dir)
+
+    con = open_catalog(db_path)
+    try:
+        row = con.execute("SELECT fingerprint FROM _registrations WHERE run_dir = ?", [str(run_dir)]).fetchone()
+        if row is not None and row[0] == fingerprint:
+            return RegisterResult(str(db_path), str(run_dir), tuple(run_ids), False,
+                                  {k: 0 for k in RUN_FILES}, {b: 0 for b in BASE_TABLES.values()})
+        now = datetime.now(UTC)
+        replaced: dict[str, int] = {}
+        con.execute("BEGIN TRANSACTION")
+        try:
+            for key, base in BASE_TABLES.items():
+                n = con.execute(f"SELECT count(*) FROM {base} WHERE list_contains(?, run_id)", [run_ids]).fetchone()
+                replaced[base] = n[0]
+                if n[0]:
+                    con.execute(f"DELETE FROM {base} WHERE list_contains(?, run_id)", [run_ids])
+                cols = ", ".join(schema.TABLES[key].names)
+                con.register("_incoming", tables[key])
+                con.execute(f"INSERT INTO {base} ({cols}, registered_at) SELECT {cols}, ? FROM _incoming", [now])
+                con.unregister("_incoming")
+            con.execute("INSERT OR REPLACE INTO _registrations VALUES (?, ?, ?, ?)",
+                        [str(run_dir), fingerprint, run_ids, now])
+            con.execute("COMMIT")
+        except duckdb.Error:
+            con.execute("ROLLBACK")
+            raise
+        return RegisterResult(str(db_path), str(run_dir), tuple(run_ids), True,
+                              {k: t.num_rows for k, t in tables.items()}, replaced)
+    finally:
+        con.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Thresholds and other writes
+
+
+def set_threshold(con: duckdb.DuckDBPyConnection, name: str, value: float | None) -> None:
+    """Set one threshold; ``None`` switches it off. kept_clips reflects it on the next query."""
+    if name not in RULES_BY_NAME:
+        raise KeyError(f"unknown threshold {name!r}; expected one of {sorted(RULES_BY_NAME)}")
+    if value is not None:
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"threshold {name}: expected a finite number or None, got {value!r}")
+    rule = RULES_BY_NAME[name]
+    con.execute("INSERT OR REPLACE INTO thresholds VALUES (?, ?, ?)", [name, value, rule.doc])
+
+
+def thresholds(con: duckdb.DuckDBPyConnection) -> dict[str, float | None]:
+    """Current threshold values by name."""
+    return dict(con.execute("SELECT name, value FROM thresholds ORDER BY name").fetchall())
+
+
+def append_rows(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table | Iterable[dict]) -> int:
+    """Append rows to ``shards`` or ``shard_samples`` (columns exactly catalog.schema's); returns the count."""
+    if table not in SHARD_TABLES:
+        raise ValueError(f"append_rows writes {SHARD_TABLES}, got {table!r}; runs are added by register_run")
+    arrow = rows if isinstance(rows, pa.Table) else schema.to_table(table, list(rows))
+    want = schema.TABLES[table]
+    if sorted(arrow.column_names) != sorted(want.names):
+        raise ValueError(f"{table}: expected columns {want.names}, got {arrow.column_names}")
+    arrow = arrow.select(want.names).cast(want)
+    cols = ", ".join(want.names)
+    con.register("_incoming", arrow)
+    try:
+        con.execute(f"INSERT INTO {table} ({cols}) SELECT {cols} FROM _incoming")
+    finally:
+        con.unregister("_incoming")
+    return arrow.num_rows
