@@ -1,0 +1,583 @@
+"""Media I/O: probe a file once, then decode its frames once, downscaled inside the decoder.
+
+``probe`` reads metadata from the container (PyAV) or the image header (Pillow) and counts the
+frames a decoder will actually produce: MP4 edit lists are honoured (packets flagged *discard* are
+not frames) and VP8/VP9 invisible frames, which share a timestamp with the next shown frame, are
+counted once. ``open_frames`` streams every frame in display orientation; it uses decord only where
+decord is known to be right (plain CFR MP4/MOV H.264/HEVC whose frame count agrees with PyAV's) and
+PyAV everywhere else. ``read_span`` seeks near a span so shard cutting never decodes a whole file.
+
+Every failure caused by the input itself raises a ``MediaError`` subclass whose message says what
+was expected and what came; the pipeline turns those into ``rejects`` rows.
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import av
+import numpy as np
+from PIL import Image
+
+# Limits for "absurd" inputs. A side under 16 px cannot fill the smallest 16x16 bucket; over 16384 px
+# is beyond what any encoder here produces and a likely decompression bomb.
+MIN_SIDE = 16
+MAX_SIDE = 16384
+MAX_FRAMES = 2_000_000  # ~18.5 h at 30 fps: longer inputs are almost certainly broken timestamps
+MAX_FPS = 1000.0
+
+# Containers and codecs decord 0.6 handles correctly; it mis-handles VFR, webm and edit lists.
+_DECORD_CONTAINERS = ("mp4", "mov")
+_DECORD_CODECS = ("h264", "hevc")
+_DECORD_BATCH = 32
+
+# A frame duration more than this far from the median marks the stream as variable frame rate.
+_VFR_TOLERANCE = 0.1
+# ... unless fewer than this share of the durations deviate (one dropped frame is not VFR).
+_VFR_MIN_SHARE = 0.01
+
+# A declared constant rate within this of the measured one replaces it (timestamps are rounded).
+_RATE_AGREEMENT = 0.01
+
+# First packets decoded by probe to prove frames come out at all (a few GOPs of any real stream).
+_PROBE_DECODE_PACKETS = 300
+
+_IMAGE_MAGIC = (
+    (b"\xff\xd8\xff", "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "png"),
+)
+# EXIF orientation -> clockwise degrees to display (mirrored variants keep their rotation part),
+# and the transpose that displays it (applied after downscaling, so on the small picture).
+_EXIF_ROTATION = {1: 0, 2: 0, 3: 180, 4: 180, 5: 90, 6: 90, 7: 270, 8: 270}
+_EXIF_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+class MediaError(Exception):
+    """An input that cannot be processed; the message says what was expected and what came."""
+
+
+class EmptyFileError(MediaError):
+    """The file has zero bytes."""
+
+
+class NotMediaError(MediaError):
+    """Not a recognised container or image (text named .mp4, truncated header, ...)."""
+
+
+class NoVideoStreamError(MediaError):
+    """A container without a video stream (audio only, subtitles, ...)."""
+
+
+class DecodeError(MediaError):
+    """The container opens but its frames do not decode, or fewer/more come out than counted."""
+
+
+class UnsupportedSizeError(MediaError):
+    """Absurd geometry or timing: side < 16 or > 16384 px, too many frames, non-positive fps."""
+
+
+def content_hash(path: str | Path) -> str:
+    """First 16 hex digits of the SHA-256 of the file bytes: the ``video_id``."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """What ``probe`` learned about one file. Columns of ``catalog.schema.VIDEOS`` by the same names.
+
+    ``rotation`` is the clockwise turn (0/90/180/270) applied to the coded picture for display
+    (the legacy ``rotate`` tag convention: a portrait phone video is usually 90).
+    ``fps`` is ``frames / duration`` (None for still images), ``frames`` what a decoder yields.
+    """
+
+    video_id: str
+    uri: str
+    bytes: int
+    container: str
+    codec: str
+    width: int
+    height: int
+    rotation: int
+    sample_aspect: float
+    display_width: int
+    display_height: int
+    display_aspect: float
+    fps: float | None
+    fps_variable: bool
+    frames: int
+    duration: float
+    has_audio: bool
+    is_image: bool
+    probe_seconds: float
+
+    def to_row(self) -> dict:
+        """Row for the ``videos`` table (the columns probe knows; run and scene columns are added later)."""
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# probe
+
+
+def probe(path: str | Path) -> MediaInfo:
+    """Read a video's or image's metadata and count its decodable frames.
+
+    Raises:
+        EmptyFileError, NotMediaError, NoVideoStreamError, DecodeError, UnsupportedSizeError.
+    """
+    t0 = time.perf_counter()
+    path = Path(path)
+    size = path.stat().st_size
+    if size == 0:
+        raise EmptyFileError(f"expected a video or image file, got 0 bytes: {path}")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    video_id = content_hash(path)
+    image_format = _sniff_image(head)
+    if image_format is not None:
+        fields = _probe_image(path, image_format)
+    else:
+        fields = _probe_video(path)
+    return MediaInfo(video_id=video_id, uri=str(path), bytes=size,
+                     probe_seconds=time.perf_counter() - t0, **fields)
+
+
+def _sniff_image(head: bytes) -> str | None:
+    for magic, name in _IMAGE_MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return None
+
+
+def _display_geometry(width: int, height: int, rotation: int, sar: float) -> tuple[int, int]:
+    # Sample aspect stretches the width (ffmpeg's `scale=iw*sar:ih`); rotation by 90/270 swaps sides.
+    dw, dh = max(1, round(width * sar)), height
+    if rotation in (90, 270):
+        dw, dh = dh, dw
+    return dw, dh
+
+
+def _check_size(path: Path, width: int, height: int) -> None:
+    if min(width, height) < MIN_SIDE or max(width, height) > MAX_SIDE:
+        raise UnsupportedSizeError(
+            f"expected each side in [{MIN_SIDE}, {MAX_SIDE}] px, got {width}x{height}: {path}")
+
+
+def _probe_image(path: Path, image_format: str) -> dict:
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation
+            _check_size(path, width, height)
+            img.load()  # a truncated or corrupt payload fails here, not later in a decode stage
+    except Image.DecompressionBombError as e:
+        raise UnsupportedSizeError(f"expected at most {Image.MAX_IMAGE_PIXELS} pixels, Pillow said {e}: {path}") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise NotMediaError(f"expected a readable {image_format} image, Pillow said {e!r}: {path}") from e
+    rotation = _EXIF_ROTATION.get(int(orientation), 0)
+    dw, dh = _display_geometry(width, height, rotation, 1.0)
+    return dict(container=f"image/{image_format}", codec=image_format, width=width, height=height,
+                rotation=rotation, sample_aspect=1.0, display_width=dw, display_height=dh,
+                display_aspect=dw / dh, fps=None, fps_variable=False, frames=1, duration=0.0,
+                has_audio=False, is_image=True)
+
+
+def _open_container(path: Path) -> av.container.InputContainer:
+    try:
+        return av.open(str(path), metadata_errors="ignore")
+    except av.FFmpegError as e:
+        raise NotMediaError(
+            f"expected a video container or image, FFmpeg could not open it ({e}): {path}") from e
+
+
+def _video_stream(container: av.container.InputContainer, path: Path) -> av.VideoStream:
+    # Cover art in audio files is a one-picture "video" stream flagged attached_pic: not a video.
+    attached = av.stream.Disposition.attached_pic
+    streams = [s for s in container.streams.video if not (s.disposition & attached)]
+    if not streams:
+        kinds = [s.type for s in container.streams] or ["none"]
+        raise NoVideoStreamError(f"expected a video stream, found streams {kinds}: {path}")
+    return streams[0]
+
+
+def _container_name(format_name: str, path: Path) -> str:
+    # FFmpeg names demuxers by family ("mov,mp4,m4a,3gp,3g2,mj2"); report the member the file claims.
+    names = format_name.split(",")
+    ext = path.suffix.lower().lstrip(".")
+    alias = {"mkv": "matroska", "m4v": "mp4", "qt": "mov"}.get(ext, ext)
+    return alias if alias in names else names[0]
+
+
+def _frame_timestamps(container: av.container.InputContainer, stream: av.VideoStream,
+                      path: Path) -> list[int] | None:
+    """Sorted distinct timestamps of the frames a decoder will output; None when the stream has none.
+
+    Packets flagged discard (before an MP4 edit list's start) decode to nothing. VP8/VP9 invisible
+    frames are stored as their own packet with the timestamp of the next shown frame, so distinct
+    timestamps, not packets, are frames.
+    """
+    stamps: list[int] = []
+    missing = 0
+    try:
+        for packet in container.demux(stream):
+            if packet.size == 0 or packet.is_discard:
+                continue
+            ts = packet.pts if packet.pts is not None else packet.dts
+            if ts is None:
+                missing += 1
+            else:
+                stamps.append(ts)
+    except av.FFmpegError as e:
+        if not stamps:
+            raise DecodeError(f"expected readable video packets, demuxing failed at once ({e}): {path}") from e
+        # A truncated tail: count what can be read; open_frames will produce exactly these frames.
+    if missing:
+        return None
+    return sorted(set(stamps))
+
+
+def _count_decoded(path: Path) -> int:
+    container = _open_container(path)
+    with container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "AUTO"
+        return sum(1 for _ in _decode_tolerant(container, stream))
+
+
+def _first_frame(path: Path) -> av.VideoFrame:
+    """Decode the first frame (proves the stream decodes; carries the display matrix)."""
+    container = _open_container(path)
+    errors: list[str] = []
+    with container:
+        stream = _video_stream(container, path)
+        packets = 0
+        for packet in container.demux(stream):
+            if packet.size == 0:
+                break
+            packets += 1
+            try:
+                frames = packet.decode()
+            except av.FFmpegError as e:
+                errors.append(str(e))
+                frames = []
+            if frames:
+                return frames[0]
+            if packets >= _PROBE_DECODE_PACKETS:
+                break
+        try:
+            frames = stream.codec_context.decode(None)  # flush: decoders hold back reordered frames
+        except av.FFmpegError as e:
+            errors.append(str(e))
+            frames = []
+        if frames:
+            return frames[0]
+    detail = f"; decoder errors: {errors[:3]}" if errors else ""
+    raise DecodeError(f"expected decodable video frames, none came from the first {packets} packets{detail}: {path}")
+
+
+def _probe_video(path: Path) -> dict:
+    container = _open_container(path)
+    with container:
+        stream = _video_stream(container, path)
+        cc = stream.codec_context
+        codec = cc.name
+        width, height = cc.width, cc.height
+        format_name = container.format.name
+        has_audio = len(container.streams.audio) > 0
+        sar_raw = stream.sample_aspect_ratio or cc.sample_aspect_ratio
+        time_base = stream.time_base
+        rate = stream.average_rate or stream.guessed_rate
+        container_duration = container.duration
+        stamps = _frame_timestamps(container, stream, path)
+    _check_size(path, width, height)
+    first = _first_frame(path)
+    rotation = int(round(-(first.rotation or 0))) % 360  # frame.rotation is counter-clockwise
+    if rotation not in (0, 90, 180, 270):
+        raise UnsupportedSizeError(f"expected a display rotation of 0/90/180/270 degrees, got {rotation}: {path}")
+    sar = float(sar_raw) if sar_raw else 1.0
+    if not 0.1 <= sar <= 10.0:
+        raise UnsupportedSizeError(f"expected a sample aspect ratio in [0.1, 10], got {sar}: {path}")
+
+    fps_variable = False
+    fps = None
+    if stamps is not None and time_base is not None:
+        frames = len(stamps)
+        if frames == 0:
+            raise DecodeError(f"expected video frames, the stream has no packets: {path}")
+        deltas = np.diff(np.asarray(stamps, dtype=np.int64))
+        if len(deltas):
+            # The last frame's own duration is often unrecorded: it lasts the typical (median) one.
+            step = float(np.median(deltas))
+            duration = float((stamps[-1] - stamps[0] + step) * time_base)
+            # One tick of slack: 29.97 fps in a 1/1000 time base alternates 33 and 34 ms.
+            off = np.abs(deltas - step) > _VFR_TOLERANCE * step + 1
+            fps_variable = bool(off.mean() > _VFR_MIN_SHARE)
+            if not fps_variable and rate and abs(frames / duration / float(rate) - 1) < _RATE_AGREEMENT:
+                # Millisecond time bases round 30 fps to 33/34 ms steps; the declared rate is exact.
+                fps = float(rate)
+                duration = frames / fps
+        else:
+            duration = 1 / float(rate) if rate else 0.0
+    else:
+        # No timestamps (raw elementary streams): only a full decode tells the count.
+        frames = _count_decoded(path)
+        if frames == 0:
+            raise DecodeError(f"expected video frames, none decoded: {path}")
+        if rate:
+            duration = frames / float(rate)
+        elif container_duration:
+            duration = container_duration / av.time_base
+        else:
+            raise UnsupportedSizeError(f"expected a frame rate or duration, the file has neither: {path}")
+    if frames > MAX_FRAMES:
+        raise UnsupportedSizeError(f"expected at most {MAX_FRAMES} frames, got {frames}: {path}")
+    if fps is None:
+        fps = frames / duration if duration > 0 else 0.0
+    if not 0 < fps <= MAX_FPS:
+        raise UnsupportedSizeError(
+            f"expected a frame rate in (0, {MAX_FPS}] fps, got {fps:.3g} ({frames} frames in {duration:.3g} s): {path}")
+
+    dw, dh = _display_geometry(width, height, rotation, sar)
+    return dict(container=_container_name(format_name, path), codec=codec, width=width, height=height,
+                rotation=rotation, sample_aspect=sar, display_width=dw, display_height=dh,
+                display_aspect=dw / dh, fps=fps, fps_variable=fps_variable, frames=frames,
+                duration=duration, has_audio=has_audio, is_image=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding
+
+
+def output_size(info: MediaInfo, max_side: int | None) -> tuple[int, int]:
+    """(width, height) of the frames ``open_frames``/``read_span`` return for ``max_side``.
+
+    The display size when it fits; otherwise scaled so the longer side is ``max_side``, each side
+    rounded to an even number (encoders want even sides).
+    """
+    dw, dh = info.display_width, info.display_height
+    if max_side is None or max(dw, dh) <= max_side:
+        return dw, dh
+    if max_side < 2:
+        raise ValueError(f"expected max_side >= 2, got {max_side}")
+    scale = max_side / max(dw, dh)
+    return max(2, 2 * round(dw * scale / 2)), max(2, 2 * round(dh * scale / 2))
+
+
+def _coded_target(info: MediaInfo, max_side: int | None) -> tuple[int, int]:
+    # Scaling happens before the rotation is applied, so a 90/270 turn swaps the target sides.
+    w, h = output_size(info, max_side)
+    return (h, w) if info.rotation in (90, 270) else (w, h)
+
+
+def _to_display(rgb: np.ndarray, rotation: int) -> np.ndarray:
+    # np.rot90 turns counter-clockwise; rotation is clockwise.
+    if rotation == 0:
+        return rgb
+    return np.ascontiguousarray(np.rot90(rgb, k=-(rotation // 90)))
+
+
+def _decord_eligible(info: MediaInfo) -> bool:
+    return (not info.is_image and info.container in _DECORD_CONTAINERS and info.codec in _DECORD_CODECS
+            and info.rotation == 0 and abs(info.sample_aspect - 1.0) < 1e-6 and not info.fps_variable)
+
+
+class FrameStream:
+    """Every frame of one file in order: iterate for ``(frame_index, rgb)`` with rgb ``(H, W, 3)`` uint8.
+
+    Each iteration decodes afresh. ``decoder`` names the decoder that produced (or, before
+    iterating, will produce) the frames: ``decord``, ``pyav`` or ``pillow``; it turns to ``pyav``
+    when decord fails before its first frame.
+    """
+
+    def __init__(self, path: Path, info: MediaInfo, *, max_side: int | None, backend: str) -> None:
+        self.path = path
+        self.info = info
+        self.max_side = max_side
+        self.width, self.height = output_size(info, max_side)
+        if info.is_image:
+            self.decoder = "pillow"
+        elif backend == "auto":
+            self.decoder = "decord" if _decord_eligible(info) else "pyav"
+        else:
+            self.decoder = backend
+
+    def __len__(self) -> int:
+        return self.info.frames
+
+    def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        if self.decoder == "pillow":
+            yield 0, _read_image(self.path, self.info, self.max_side)
+            return
+        if self.decoder == "decord":
+            produced = 0
+            try:
+                for item in _iter_decord(self.path, self.info, self.max_side):
+                    produced += 1
+                    yield item
+                return
+            except (ImportError, RuntimeError, ValueError, _DecordCountMismatch) as e:
+                if produced:
+                    raise DecodeError(f"expected {self.info.frames} frames, decord failed after "
+                                      f"{produced} ({e}): {self.path}") from e
+                # decord is an accelerator, not a requirement: fall back while nothing was yielded.
+                self.decoder = "pyav"
+        yield from _iter_pyav(self.path, self.info, self.max_side)
+
+
+def open_frames(path: str | Path, info: MediaInfo, *, max_side: int | None = None,
+                backend: str = "auto") -> FrameStream:
+    """Stream every frame in display orientation, downscaled inside the decoder.
+
+    Args:
+        path: the probed file.
+        info: ``probe(path)``.
+        max_side: longer side of the output; None keeps the display size.
+        backend: ``auto`` (decord for plain CFR MP4/MOV H.264/HEVC, PyAV otherwise), ``decord`` or ``pyav``.
+
+    Iterating raises ``DecodeError`` when the frames do not decode or their count differs from
+    ``info.frames``.
+    """
+    if backend not in ("auto", "decord", "pyav"):
+        raise ValueError(f"expected backend 'auto', 'decord' or 'pyav', got {backend!r}")
+    if info.is_image and backend == "decord":
+        raise ValueError(f"expected a video for the decord backend, got an image: {path}")
+    return FrameStream(Path(path), info, max_side=max_side, backend=backend)
+
+
+def _read_image(path: Path, info: MediaInfo, max_side: int | None) -> np.ndarray:
+    w, h = _coded_target(info, max_side)
+    try:
+        with Image.open(path) as img:
+            orientation = int(img.getexif().get(0x0112, 1))
+            if (w, h) != img.size:
+                img.draft("RGB", (w, h))  # JPEG: DCT-domain downscale by 1/2, 1/4, 1/8 while decoding
+            img = img.convert("RGB")
+            if img.size != (w, h):
+                img = img.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=2.0)
+            transpose = _EXIF_TRANSPOSE.get(orientation)
+            if transpose is not None:
+                img = img.transpose(transpose)
+            return np.asarray(img, dtype=np.uint8).copy()
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DecodeError(f"expected a decodable image, Pillow said {e!r}: {path}") from e
+
+
+class _DecordCountMismatch(Exception):
+    pass
+
+
+def _iter_decord(path: Path, info: MediaInfo, max_side: int | None) -> Iterator[tuple[int, np.ndarray]]:
+    import decord  # imported lazily: it is optional at run time and slow to import
+
+    w, h = output_size(info, max_side)
+    if (w, h) == (info.width, info.height):
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
+    else:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), width=w, height=h)
+    n = len(reader)
+    if n != info.frames:
+        # decord 0.6 ignores edit lists and pads trimmed files; PyAV's count is the truth.
+        raise _DecordCountMismatch(f"decord counts {n} frames, PyAV {info.frames}")
+    for start in range(0, n, _DECORD_BATCH):
+        batch = reader.get_batch(list(range(start, min(n, start + _DECORD_BATCH)))).asnumpy()  # (B, H, W, 3)
+        for i, rgb in enumerate(batch):
+            yield start + i, rgb
+
+
+def _decode_tolerant(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
+    """Decode packet by packet so one corrupt packet costs its frame, not the rest of the file."""
+    try:
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.FFmpegError:
+                continue  # the caller compares the count with probe's and reports the loss
+            yield from frames
+    except av.FFmpegError:
+        return  # unreadable tail (truncated file): the caller's count check reports it
+
+
+def _iter_pyav(path: Path, info: MediaInfo, max_side: int | None) -> Iterator[tuple[int, np.ndarray]]:
+    w, h = _coded_target(info, max_side)
+    resize = (w, h) != (info.width, info.height)
+    container = _open_container(path)
+    produced = 0
+    with container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "AUTO"
+        for frame in _decode_tolerant(container, stream):
+            if produced >= info.frames:
+                produced += 1
+                continue  # keep counting for the error message
+            if resize:
+                rgb = frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="BICUBIC")
+            else:
+                rgb = frame.to_ndarray(format="rgb24")
+            yield produced, _to_display(rgb, info.rotation)
+            produced += 1
+    if produced != info.frames:
+        raise DecodeError(f"expected {info.frames} frames (probe's count), PyAV decoded {produced}: {path}")
+
+
+def read_span(path: str | Path, info: MediaInfo, start: int, end: int, *,
+              max_side: int | None = None) -> np.ndarray:
+    """Frames ``[start, end)`` as ``(end - start, H, W, 3)`` uint8, seeking to the keyframe before ``start``.
+
+    Frame indices are those ``open_frames`` yields.
+    """
+    path = Path(path)
+    if not 0 <= start < end <= info.frames:
+        raise ValueError(f"expected 0 <= start < end <= {info.frames}, got [{start}, {end}): {path}")
+    if info.is_image:
+        return _read_image(path, info, max_side)[None]
+    w, h = _coded_target(info, max_side)
+    resize = (w, h) != (info.width, info.height)
+    container = _open_container(path)
+    out: list[np.ndarray] = []
+    with container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "AUTO"
+        stamps = _frame_timestamps(container, stream, path)
+        if stamps is None or len(stamps) != info.frames:
+            # No usable timestamps: decode from the start and count.
+            stream_iter = ((i, f) for i, f in enumerate(_decode_tolerant(container, _rewind(container, stream))))
+        else:
+            index_of = {ts: i for i, ts in enumerate(stamps)}
+            container.seek(stamps[start], stream=stream, backward=True, any_frame=False)
+            stream_iter = ((index_of.get(f.pts, -1), f) for f in _decode_tolerant(container, stream))
+        for index, frame in stream_iter:
+            if index < start:
+                continue
+            if index >= end:
+                break
+            if index != start + len(out):
+                raise DecodeError(f"expected frame {start + len(out)} next while reading [{start}, {end}), "
+                                  f"got frame {index}: {path}")
+            if resize:
+                rgb = frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="BICUBIC")
+            else:
+                rgb = frame.to_ndarray(format="rgb24")
+            out.append(_to_display(rgb, info.rotation))
+            if len(out) == end - start:
+                break
+    if len(out) != end - start:
+        raise DecodeError(f"expected {end - start} frames in [{start}, {end}), decoded {len(out)}: {path}")
+    return np.stack(out)
+
+
+def _rewind(container: av.container.InputContainer, stream: av.VideoStream) -> av.VideoStream:
+    container.seek(0, stream=stream, backward=True, any_frame=False)
+    return stream
