@@ -107,13 +107,15 @@ def clip_row(video: dict, start: int, end: int, *, aesthetic: float, caption: st
 
 
 def make_library(root: Path, run_id: str = "run-shards-test") -> tuple[list[dict], list[dict]]:
-    """Four sources (landscape, portrait, ~3:1 wide, square image) and their clip rows.
+    """Five sources (landscape, portrait, 3:1 wide, too small, square image) and their clip rows.
+
+    Scores pass the catalog's default thresholds except land.mp4's first clip (aesthetic 4.0 < 4.5).
 
     Returns (video rows, clip rows); ``video_uri`` is not added (the catalog join adds it).
     """
     specs = [
         ("land.mp4", 320, 192, 12, 50, [(0, 25), (25, 50)]),    # two 17-frame clips of one video
-        ("portrait.mp4", 192, 320, 30, 40, [(0, 40)]),          # 9 frames at 8 fps
+        ("portrait.mp4", 192, 320, 30, 60, [(0, 60)]),          # 2 s: 16 frames at 8 fps, so the 9 bucket
         ("wide.mp4", 432, 144, 24, 48, [(0, 48)]),               # 3:1, 9 frames
         ("tiny.mp4", 64, 64, 24, 48, [(0, 48)]),                 # too small for any bucket
     ]
