@@ -45,11 +45,15 @@ class ClipBackbone:
     batch_size: int = 32
 
     @torch.inference_mode()
-    def embed_images(self, frames: np.ndarray) -> torch.Tensor:
-        """``(N, H, W, 3)`` uint8 → ``(N, D)`` float32 L2-normalised image embeddings (on CPU)."""
+    def embed_images(self, frames: np.ndarray | list[np.ndarray]) -> torch.Tensor:
+        """Frames ``(N, H, W, 3)`` uint8, or a list of ``(H, W, 3)`` frames of any sizes → ``(N, D)`` float32
+        L2-normalised image embeddings (on CPU)."""
         from PIL import Image
 
-        frames = check_frames(frames)
+        if isinstance(frames, np.ndarray):
+            frames = list(check_frames(frames))
+        else:
+            frames = [check_frames(f, what=f"frames[{i}]")[0] for i, f in enumerate(frames)]
         out = []
         for start in range(0, len(frames), self.batch_size):
             # open_clip's eval transform: resize shorter side, centre crop, CLIP mean/std.
@@ -58,6 +62,8 @@ class ClipBackbone:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
                 emb = self.model.encode_image(x)  # (B, D)
             out.append(emb.float().cpu())
+        if not out:
+            return torch.zeros(0, self.embed_dim)
         return nn.functional.normalize(torch.cat(out), dim=-1)
 
     @torch.inference_mode()
@@ -166,8 +172,10 @@ class ClipSimilarity:
                 raise ValueError(f"texts[{i}]: expected a non-empty caption, got {text!r}")
         if not clips:
             return np.zeros(0, dtype=np.float32)
-        counts = [len(check_frames(c, what=f"clips[{i}]")) for i, c in enumerate(clips)]
-        images = self.backbone.embed_images(np.concatenate([check_frames(c) for c in clips]))  # (sum N, D)
+        clips = [check_frames(c, what=f"clips[{i}]") for i, c in enumerate(clips)]
+        counts = [len(c) for c in clips]
+        # Clips may differ in size; CLIP's preprocessing brings every frame to one size.
+        images = self.backbone.embed_images([f for c in clips for f in c])  # (sum N, D)
         text_emb = self.backbone.embed_texts(texts)  # (M, D)
         clip_index = torch.repeat_interleave(torch.arange(len(clips)), torch.tensor(counts))  # (sum N,)
         per_frame = (images * text_emb[clip_index]).sum(dim=-1)  # (sum N,)
