@@ -302,6 +302,10 @@ def _probe_video(path: Path) -> dict:
         rate = stream.average_rate or stream.guessed_rate
         container_duration = container.duration
         stamps = _frame_timestamps(container, stream, path)
+    if width <= 0 or height <= 0:
+        # FFmpeg guesses demuxers by extension too (image2 for .jpg), then finds no picture in the bytes.
+        raise NotMediaError(f"expected a {codec} stream with a picture size, the {format_name} demuxer "
+                            f"found {width}x{height}: {path}")
     _check_size(path, width, height)
     first = _first_frame(path)
     rotation = int(round(-(first.rotation or 0))) % 360  # frame.rotation is counter-clockwise
@@ -319,10 +323,10 @@ def _probe_video(path: Path) -> dict:
             raise DecodeError(f"expected video frames, the stream has no packets: {path}")
         deltas = np.diff(np.asarray(stamps, dtype=np.int64))
         if len(deltas):
-            # The last frame's own duration is often unrecorded: it lasts the typical (median) one.
-            step = float(np.median(deltas))
-            duration = float((stamps[-1] - stamps[0] + step) * time_base)
+            # The last frame's own duration is often unrecorded: it lasts the mean one.
+            duration = float((stamps[-1] - stamps[0]) * frames / (frames - 1) * time_base)
             # One tick of slack: 29.97 fps in a 1/1000 time base alternates 33 and 34 ms.
+            step = float(np.median(deltas))
             off = np.abs(deltas - step) > _VFR_TOLERANCE * step + 1
             fps_variable = bool(off.mean() > _VFR_MIN_SHARE)
             if not fps_variable and rate and abs(frames / duration / float(rate) - 1) < _RATE_AGREEMENT:
@@ -373,7 +377,12 @@ def output_size(info: MediaInfo, max_side: int | None) -> tuple[int, int]:
     if max_side < 2:
         raise ValueError(f"expected max_side >= 2, got {max_side}")
     scale = max_side / max(dw, dh)
-    return max(2, 2 * round(dw * scale / 2)), max(2, 2 * round(dh * scale / 2))
+
+    def even(side: int) -> int:
+        v = max(2, 2 * round(side * scale / 2))
+        return v - 2 if v > max_side else v  # an odd max_side must not round up past itself
+
+    return even(dw), even(dh)
 
 
 def _coded_target(info: MediaInfo, max_side: int | None) -> tuple[int, int]:
@@ -523,7 +532,7 @@ def _iter_pyav(path: Path, info: MediaInfo, max_side: int | None) -> Iterator[tu
                 produced += 1
                 continue  # keep counting for the error message
             if resize:
-                rgb = frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="BICUBIC")
+                rgb = frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="BILINEAR")
             else:
                 rgb = frame.to_ndarray(format="rgb24")
             yield produced, _to_display(rgb, info.rotation)
@@ -567,7 +576,7 @@ def read_span(path: str | Path, info: MediaInfo, start: int, end: int, *,
                 raise DecodeError(f"expected frame {start + len(out)} next while reading [{start}, {end}), "
                                   f"got frame {index}: {path}")
             if resize:
-                rgb = frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="BICUBIC")
+                rgb = frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="BILINEAR")
             else:
                 rgb = frame.to_ndarray(format="rgb24")
             out.append(_to_display(rgb, info.rotation))

@@ -89,31 +89,30 @@ class SampleTruth:
 # procedural content
 
 
-_PALETTES = {  # RGB weights of the texture layers: each shot of cuts.mp4 gets a clearly different look
-    "warm": ((1.0, 0.55, 0.2), (0.8, 0.3, 0.1)),
-    "cool": ((0.2, 0.45, 1.0), (0.1, 0.7, 0.9)),
-    "green": ((0.3, 1.0, 0.35), (0.7, 0.9, 0.2)),
-    "neutral": ((0.9, 0.85, 0.8), (0.5, 0.6, 0.75)),
+_PALETTES = {  # base colour and two grating tints: each shot of cuts.mp4 gets a clearly different look
+    "warm": ((190, 120, 70), (1.0, 0.6, 0.25), (0.7, 0.3, 0.1)),
+    "cool": ((60, 100, 170), (0.25, 0.5, 1.0), (0.1, 0.7, 0.9)),
+    "green": ((80, 150, 70), (0.35, 1.0, 0.4), (0.7, 0.9, 0.2)),
+    "neutral": ((120, 120, 125), (0.9, 0.85, 0.8), (0.5, 0.6, 0.8)),
 }
 
 
 def _texture(rng: np.random.Generator, h: int, w: int, palette: str) -> np.ndarray:
-    """(h, w, 3) uint8: oriented gratings (periods 5-48 px) over fine noise."""
+    """(h, w, 3) uint8: a base colour, oriented gratings (periods 6-120 px) and fine grey grain."""
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
-    out = np.zeros((h, w, 3), np.float32)
-    colours = np.asarray(_PALETTES[palette], np.float32)
+    base, *tints = _PALETTES[palette]
+    out = np.empty((h, w, 3), np.float32)
+    out[:] = np.asarray(base, np.float32)
     for k in range(6):
         theta = rng.uniform(0, np.pi)
-        period = rng.uniform(5, 48)
+        period = rng.uniform(6, 120) if k < 3 else rng.uniform(6, 24)
         phase = rng.uniform(0, 2 * np.pi)
         wave = np.sin((xx * np.cos(theta) + yy * np.sin(theta)) * (2 * np.pi / period) + phase)
-        out += wave[..., None] * colours[k % 2] * rng.uniform(0.5, 1.0)
+        out += wave[..., None] * (np.asarray(tints[k % 2], np.float32) * rng.uniform(18, 32))
     # Fine-grained detail: what a defocus removes first.
     grain = _gaussian_blur(rng.standard_normal((h, w)).astype(np.float32), 0.8)
-    out += grain[..., None] * 60.0
-    out -= out.min()
-    out *= 235.0 / max(float(out.max()), 1e-6)
-    return _to_uint8(out + 10.0)
+    out += grain[..., None] * 40.0
+    return _to_uint8(out)
 
 
 def _gaussian_blur(img: np.ndarray, sigma: float) -> np.ndarray:
