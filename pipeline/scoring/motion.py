@@ -1,0 +1,87 @@
+"""Camera/subject motion: dense optical flow (Farneback) between frames sampled at about 2 fps.
+
+Speeds are pixels per second measured on a frame whose longer side is ``REF_SIDE`` (256) px, so the
+number means the same for every input size: 20 px/s is a slow pan crossing the frame in ~13 s.
+Flow is computed at ``WORK_SIDE`` px (a global speed needs no fine texture, and Farneback's cost grows
+with area) and scaled to the reference size.
+
+Half a second apart, a pan moves the picture further than Farneback's pyramid can follow (it loses
+track beyond ~24 px at 256 px). So each pair first gets a global shift from phase correlation, which
+Farneback then refines per pixel; a static shot keeps a zero start so sensor noise is not inflated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from pipeline.scoring._frames import check_frames, gray_at, working_size
+
+REF_SIDE = 256
+WORK_SIDE = 160
+_FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2)
+# Phase-correlation peaks weaker than this are noise (pure noise frames give < 0.05, a real pan > 0.4).
+_SHIFT_MIN_RESPONSE = 0.2
+# Shifts below this (working px) are left to Farneback alone, which tracks them exactly; a sub-pixel
+# global estimate on a static shot with one moving object would only bias every static pixel.
+_SHIFT_MIN_PX = 2.0
+# ...and the shifted frame must match at least this much better than the unshifted one.
+_SHIFT_BETTER = 0.7
+
+
+@dataclass(frozen=True, slots=True)
+class Motion:
+    mean: float
+    """Mean over frame pairs of the mean flow speed (px/s at 256 px longer side); ~0 for a static shot."""
+    max: float
+    """Largest per-pair mean flow speed (same units): catches a whip pan or a jump inside the clip."""
+
+
+def _explains(prev: np.ndarray, cur: np.ndarray, dx: float, dy: float) -> bool:
+    """Whether shifting by (dx, dy) explains the pair better than no motion: a camera move, not one
+    large object (whose shift, applied to the static background, would invent motion everywhere)."""
+    h, w = prev.shape
+    back = cv2.warpAffine(cur, np.float32([[1, 0, -dx], [0, 1, -dy]]), (w, h), flags=cv2.INTER_LINEAR)
+    m = max(int(np.ceil(abs(dx))), int(np.ceil(abs(dy)))) + 1  # ignore the strip the shift exposes
+    if m * 4 >= min(h, w):
+        return True  # too large to check on the overlap; phase correlation's peak is all we have
+    inner = (slice(m, h - m), slice(m, w - m))
+    moved = cv2.absdiff(prev[inner], back[inner]).mean()
+    still = cv2.absdiff(prev[inner], cur[inner]).mean()
+    return bool(moved < _SHIFT_BETTER * still)
+
+
+def motion(frames: np.ndarray, times_s: np.ndarray) -> Motion:
+    """Flow speed between consecutive (N, H, W, 3) uint8 RGB frames taken at ``times_s`` (seconds, increasing)."""
+    frames = check_frames(frames, "motion")
+    times_s = np.asarray(times_s, dtype=np.float64)
+    if times_s.shape != (len(frames),):
+        raise ValueError(f"motion: expected one time per frame, shape ({len(frames)},), got {times_s.shape}")
+    if len(frames) == 0:
+        raise ValueError("motion: expected at least one frame, got 0")
+    dts = np.diff(times_s)
+    if not np.all(np.isfinite(times_s)) or np.any(dts <= 0):
+        raise ValueError(f"motion: expected finite, strictly increasing times, got {times_s.tolist()}")
+    if len(frames) == 1:
+        return Motion(mean=0.0, max=0.0)
+
+    h, w = frames.shape[1:3]
+    size = working_size(h, w, min(WORK_SIDE, max(h, w)))
+    to_ref = REF_SIDE / max(size)  # working px -> px at REF_SIDE
+    window = cv2.createHanningWindow(size, cv2.CV_32F)
+    init = np.zeros((size[1], size[0], 2), np.float32)  # (h, w, 2) starting flow
+    prev = gray_at(frames[0], size)
+    speeds = []
+    for frame, dt in zip(frames[1:], dts):
+        cur = gray_at(frame, size)
+        (dx, dy), response = cv2.phaseCorrelate(prev.astype(np.float32), cur.astype(np.float32), window)
+        if response >= _SHIFT_MIN_RESPONSE and np.hypot(dx, dy) >= _SHIFT_MIN_PX and _explains(prev, cur, dx, dy):
+            init[..., 0], init[..., 1] = dx, dy
+            flow = cv2.calcOpticalFlowFarneback(prev, cur, init.copy(), flags=cv2.OPTFLOW_USE_INITIAL_FLOW, **_FARNEBACK)
+        else:
+            flow = cv2.calcOpticalFlowFarneback(prev, cur, None, flags=0, **_FARNEBACK)
+        speed = float(np.mean(np.sqrt(flow[..., 0] ** 2 + flow[..., 1] ** 2)))  # working px per pair
+        speeds.append(speed * to_ref / dt)
+        prev = cur
+    return Motion(mean=float(np.mean(speeds)), max=float(np.max(speeds)))

@@ -1,0 +1,126 @@
+"""Static overlay (logo, channel bug, burned-in watermark) evidence without model weights.
+
+An overlay is drawn on top of the picture, so its edges stay put, with the same orientation, in every
+frame while the picture under and around it changes. Natural content does not do that: on a moving
+shot its edges move, and on a static shot nothing changes, so there is no evidence either way (a
+fully static shot scores 0 rather than "everything is a logo").
+
+Per pixel, over up to ``MAX_FRAMES`` frames spread across the clip (grayscale, longer side ``WORK_SIDE``):
+
+* persistent edge strength ``P = |mean_t g_t|`` of the luma gradient ``g_t``;
+* coherence ``C = |mean_t g_t|^2 / mean_t |g_t|^2``: 1 when the gradient is identical in every frame,
+  about 1/K when it wanders (a translucent logo over moving texture sits in between, hence the low cut);
+* change ``T``: temporal standard deviation of the luma.
+
+Candidates are coherent, strong edges with change within a few pixels. The largest connected group of
+candidates is the overlay guess; its score is the product of
+
+* ``ring``: the fraction of a band around the group's box whose content changes (a logo is surrounded
+  by changing picture; a static background edge next to one moving object is only partly);
+* ``share``: the group's fraction of all candidates (one compact mark, not scattered coincidences);
+* ``mass``: how many candidate pixels it holds, saturating at a small logo's outline;
+* ``size``: boxes covering more than a quarter of the frame fade out (that is scenery, not a mark).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from pipeline.scoring._frames import check_frames, gray_at, working_size
+
+WORK_SIDE = 192
+MAX_FRAMES = 12
+HIGHPASS_SIGMA = 1.5
+MIN_FRAMES = 3
+EDGE_MIN = 4.0          # luma levels per px: weaker persistent gradients are codec/noise texture
+COHERENCE_MIN = 0.35    # random gradients over K=12 frames average ~0.08 and exceed 0.35 for ~1.5% of pixels
+CHANGE_MIN = 6.0        # temporal luma std that counts as "the content here changes"
+NEAR_PX = 4             # a candidate edge needs change within this many working pixels
+MASS_FULL = 60          # candidate pixels at which a group counts as fully supported (a ~15x8 px outline)
+
+
+@dataclass(frozen=True, slots=True)
+class Overlay:
+    score: float
+    """Evidence in [0, 1] that a static overlay sits on the clip; 0 when there is no evidence."""
+    box: tuple[float, float, float, float] | None
+    """(x0, y0, x1, y1) of the overlay as fractions of width and height; None when nothing was found."""
+
+
+NONE = Overlay(score=0.0, box=None)
+
+
+def _pick(n: int, k: int) -> np.ndarray:
+    return np.unique(np.round(np.linspace(0, n - 1, min(n, k))).astype(int))
+
+
+def static_overlay(frames: np.ndarray) -> Overlay:
+    """Static-overlay evidence for (N, H, W, 3) uint8 RGB frames spread over one clip (N >= 3)."""
+    frames = check_frames(frames, "static_overlay")
+    if len(frames) < MIN_FRAMES:
+        return NONE
+    h0, w0 = frames.shape[1:3]
+    size = working_size(h0, w0, min(WORK_SIDE, max(h0, w0)))
+    picks = _pick(len(frames), MAX_FRAMES)
+    grays = np.stack([gray_at(frames[i], size) for i in picks]).astype(np.float32)  # (K, h, w)
+    k, h, w = grays.shape
+
+    sum_gx = np.zeros((h, w), np.float32)
+    sum_gy = np.zeros((h, w), np.float32)
+    sum_sq = np.zeros((h, w), np.float32)
+    for g in grays:
+        # Only fine detail: coarse content structure stays correlated over a slow pan and would average
+        # into persistent streaks along the motion, while a mark's edges are sharp.
+        fine = g - cv2.GaussianBlur(g, (0, 0), HIGHPASS_SIGMA)
+        # Sobel of a unit ramp is 8: divide so gradients read as luma levels per pixel.
+        gx = cv2.Sobel(fine, cv2.CV_32F, 1, 0, ksize=3) / 8.0
+        gy = cv2.Sobel(fine, cv2.CV_32F, 0, 1, ksize=3) / 8.0
+        sum_gx += gx
+        sum_gy += gy
+        sum_sq += gx * gx + gy * gy
+    persist_sq = (sum_gx * sum_gx + sum_gy * sum_gy) / (k * k)        # |mean g|^2, (h, w)
+    coherence = persist_sq / (sum_sq / k + 1e-6)
+    changing = grays.std(axis=0) > CHANGE_MIN                          # (h, w) bool
+    if not changing.any():
+        return NONE
+
+    near = cv2.dilate(changing.astype(np.uint8), np.ones((2 * NEAR_PX + 1,) * 2, np.uint8)) > 0
+    cand = (persist_sq > EDGE_MIN**2) & (coherence > COHERENCE_MIN) & near
+    cand[:2, :] = cand[-2:, :] = cand[:, :2] = cand[:, -2:] = False  # codec padding rows/cols persist too
+    total = int(cand.sum())
+    if total == 0:
+        return NONE
+
+    # Join a mark's strokes and outline into one group.
+    joined = cv2.dilate(cand.astype(np.uint8), np.ones((5, 5), np.uint8))
+    n_lab, labels, stats, _ = cv2.connectedComponentsWithStats(joined, connectivity=8)
+    counts = np.bincount(labels[cand], minlength=n_lab)
+    counts[0] = 0
+    for lab in range(1, n_lab):
+        x, y, bw, bh, _ = stats[lab]
+        if bw >= 0.9 * w or bh >= 0.9 * h:
+            counts[lab] = 0  # frame-spanning lines: letterbox/pillarbox bars or splits, not a mark
+    best = int(np.argmax(counts))
+    mass = int(counts[best])
+    if mass == 0:
+        return NONE
+    ys, xs = np.nonzero(cand & (labels == best))
+    x0, x1, y0, y1 = int(xs.min()), int(xs.max()) + 1, int(ys.min()), int(ys.max()) + 1
+
+    bw, bh = x1 - x0, y1 - y0
+    margin = max(3, round(0.3 * min(bw, bh)))
+    rx0, ry0, rx1, ry1 = max(0, x0 - margin), max(0, y0 - margin), min(w, x1 + margin), min(h, y1 + margin)
+    ring_mask = np.zeros((h, w), bool)
+    ring_mask[ry0:ry1, rx0:rx1] = True
+    ring_mask[y0:y1, x0:x1] = False
+    ring = float(changing[ring_mask].mean()) if ring_mask.any() else 0.0
+
+    share = mass / total
+    support = min(1.0, mass / MASS_FULL)
+    area = bw * bh / (w * h)
+    size_ok = float(np.clip((0.5 - area) / 0.25, 0.0, 1.0))
+    score = float(np.clip(ring * share * support * size_ok, 0.0, 1.0))
+    box = (x0 / w, y0 / h, x1 / w, y1 / h)
+    return Overlay(score=score, box=box)
