@@ -46,6 +46,10 @@ SHARD_TABLES = ("shards", "shard_samples")
 DEFAULT_FILENAME = "catalog.duckdb"
 
 REGISTERED_AT_DOC = "when this row was copied into the catalog"
+IS_CURRENT_DOC = ("true for the rows of the latest run of this video (the run that started last); the videos and "
+                  "clips views show exactly these rows")
+# History tables where the latest run of a video supersedes its older rows.
+CURRENT_TABLES = ("videos_history", "clips_history")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,25 +119,27 @@ THRESHOLD_RULES: tuple[ThresholdRule, ...] = (
 RULES_BY_NAME = {r.name: r for r in THRESHOLD_RULES}
 
 
-def _rule_passes_sql(rule: ThresholdRule, t: str = "t", c: str = "c") -> str:
-    """SQL boolean, never NULL: the clip passes ``rule``.
+def _sentinel(rule: ThresholdRule) -> str:
+    """The value that passes every score: -inf for a minimum, +inf for a maximum."""
+    return "'-inf'::DOUBLE" if rule.op == ">=" else "'inf'::DOUBLE"
 
-    A NULL threshold value (or a missing row) switches the rule off. A NULL score fails: clips prefiltered at
-    curation time have no model scores, and an unscored clip must not pass a threshold on that score.
-    Temporal rules pass still images (they have no motion, overlay or duration to judge).
+
+def _rule_passes_sql(rule: ThresholdRule, t: str = "t", c: str = "c") -> str:
+    """SQL boolean, never NULL: the clip passes ``rule`` (temporal rules: for a clip that is not an image).
+
+    ``t.<name>`` is the effective threshold from :func:`_thresholds_row_sql`: the row's value, or the sentinel when
+    the value is NULL (threshold off). A NULL score becomes the opposite extreme, so it fails any threshold that is
+    on (clips prefiltered at curation time have no model scores and must not pass on them) and passes one that is
+    off. Written without OR: DuckDB evaluates these column-vs-column comparisons several times faster than the
+    equivalent ``value IS NULL OR score >= value`` form (bench/catalog_query.py).
     """
-    value = f"{t}.{rule.name}"
-    test = f"coalesce({c}.{rule.column} {rule.op} {value}, false)"
-    exempt = f"{value} IS NULL"
-    if rule.temporal:
-        exempt += f" OR coalesce({c}.is_image, false)"
-    return f"({exempt} OR {test})"
+    return f"coalesce({c}.{rule.column}::DOUBLE, {_sentinel(rule)}) {rule.op} {t}.{rule.name}"
 
 
 def _thresholds_row_sql() -> str:
-    """One row, one column per threshold, read from the thresholds table at query time."""
+    """One row, one column per threshold (its sentinel when off), read from the thresholds table at query time."""
     cols = ",\n        ".join(
-        f"max(value) FILTER (WHERE name = '{r.name}') AS {r.name}" for r in THRESHOLD_RULES
+        f"coalesce(max(value) FILTER (WHERE name = '{r.name}'), {_sentinel(r)}) AS {r.name}" for r in THRESHOLD_RULES
     )
     return f"(SELECT\n        {cols}\n    FROM thresholds)"
 
@@ -180,10 +186,19 @@ def _field_doc(field: pa.Field) -> str:
     return meta.get(b"doc", b"").decode()
 
 
-def _table_ddl(name: str, sch: pa.Schema, *, registered_at: bool) -> str:
+def _extra_columns(table: str) -> list[tuple[str, str, str]]:
+    """(name, DuckDB type, doc) of the catalog's own columns on a base table, after the schema's."""
+    if table not in BASE_TABLES.values():
+        return []
+    extra = [("registered_at", "TIMESTAMPTZ", REGISTERED_AT_DOC)]
+    if table in CURRENT_TABLES:
+        extra.append(("is_current", "BOOLEAN", IS_CURRENT_DOC))
+    return extra
+
+
+def _table_ddl(name: str, sch: pa.Schema) -> str:
     cols = [f"{f.name} {duckdb_type(f.type)}{'' if f.nullable else ' NOT NULL'}" for f in sch]
-    if registered_at:
-        cols.append("registered_at TIMESTAMPTZ NOT NULL")
+    cols += [f"{n} {typ}" for n, typ, _ in _extra_columns(name)]
     return f"CREATE TABLE IF NOT EXISTS {name} (\n    " + ",\n    ".join(cols) + "\n)"
 
 
@@ -215,15 +230,15 @@ def _schema_for(table: str) -> pa.Schema:
 def _ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     for table in [*BASE_TABLES.values(), *SHARD_TABLES]:
         sch = _schema_for(table)
-        has_registered_at = table in BASE_TABLES.values()
-        con.execute(_table_ddl(table, sch, registered_at=has_registered_at))
+        con.execute(_table_ddl(table, sch))
         # A catalog made by an older schema.py gains the columns added since (schema edits are additive).
         existing = {r[0] for r in con.execute(
             "SELECT column_name FROM duckdb_columns() WHERE table_name = ? AND schema_name = 'main'", [table]
         ).fetchall()}
-        for f in sch:
-            if f.name not in existing:
-                con.execute(f"ALTER TABLE {table} ADD COLUMN {f.name} {duckdb_type(f.type)}")
+        wanted = [(f.name, duckdb_type(f.type)) for f in sch] + [(n, t) for n, t, _ in _extra_columns(table)]
+        for name, typ in wanted:
+            if name not in existing:
+                con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {typ}")
     con.execute(
         "CREATE TABLE IF NOT EXISTS thresholds (name VARCHAR PRIMARY KEY, value DOUBLE, comment VARCHAR)"
     )
@@ -241,36 +256,26 @@ def _view_sql() -> dict[str, str]:
     """The user-facing views, in creation order."""
     videos_cols = ", ".join(f"v.{n}" for n in schema.VIDEOS.names)
     clips_cols = ", ".join(f"c.{n}" for n in schema.CLIPS.names)
-    fails = ",\n            ".join(
-        f"CASE WHEN NOT {_rule_passes_sql(r)} THEN '{r.name}' END" for r in THRESHOLD_RULES
-    )
-    passes_all = "\n      AND ".join(_rule_passes_sql(r) for r in THRESHOLD_RULES)
+
+    def fails(r: ThresholdRule) -> str:
+        image_exempt = "NOT coalesce(c.is_image, false) AND " if r.temporal else ""
+        return f"CASE WHEN {image_exempt}NOT ({_rule_passes_sql(r)}) THEN '{r.name}' END"
+
+    fail_list = ",\n            ".join(fails(r) for r in THRESHOLD_RULES)
+    video_tests = "\n              AND ".join(_rule_passes_sql(r) for r in THRESHOLD_RULES)
+    image_tests = "\n              AND ".join(_rule_passes_sql(r) for r in THRESHOLD_RULES if not r.temporal)
     return {
-        # Latest run of each video: the run that started last (registration time when a run has no start time).
-        "_latest_video_run": f"""
-            CREATE OR REPLACE VIEW _latest_video_run AS
-            WITH run_order AS (
-                SELECT run_id, coalesce(min(started_at), min(registered_at)) AS began, min(registered_at) AS reg
-                FROM runs GROUP BY run_id
-            )
-            SELECT v.video_id,
-                   arg_max(v.run_id, (coalesce(o.began, v.registered_at), coalesce(o.reg, v.registered_at),
-                                      v.run_id)) AS run_id
-            FROM videos_history v LEFT JOIN run_order o USING (run_id)
-            GROUP BY v.video_id""",
         "videos": f"""
             CREATE OR REPLACE VIEW videos AS
-            SELECT {videos_cols} FROM videos_history v
-            SEMI JOIN _latest_video_run l ON v.video_id = l.video_id AND v.run_id = l.run_id""",
+            SELECT {videos_cols} FROM videos_history v WHERE v.is_current""",
         "clips": f"""
             CREATE OR REPLACE VIEW clips AS
-            SELECT {clips_cols} FROM clips_history c
-            SEMI JOIN _latest_video_run l ON c.video_id = l.video_id AND c.run_id = l.run_id""",
+            SELECT {clips_cols} FROM clips_history c WHERE c.is_current""",
         "clip_verdicts": f"""
             CREATE OR REPLACE VIEW clip_verdicts AS
             SELECT c.clip_id, c.video_id, c.run_id, c.is_image, c.reject_reasons,
                    list_filter([
-            {fails}
+            {fail_list}
                    ], x -> x IS NOT NULL) AS failed_thresholds,
                    len(c.reject_reasons) = 0 AND len(failed_thresholds) = 0 AS kept
             FROM clips c CROSS JOIN {_thresholds_row_sql()} t""",
@@ -279,11 +284,16 @@ def _view_sql() -> dict[str, str]:
             SELECT table_name, column_name, data_type, comment FROM duckdb_columns()
             WHERE database_name = current_database() AND schema_name = 'main' AND NOT starts_with(table_name, '_')
             ORDER BY table_name, column_index""",
+        # Two branches so each is a plain AND of comparisons (fast); temporal rules do not apply to images.
         "kept_clips": f"""
             CREATE OR REPLACE VIEW kept_clips AS
             SELECT c.* FROM clips c CROSS JOIN {_thresholds_row_sql()} t
-            WHERE len(c.reject_reasons) = 0
-              AND {passes_all}""",
+            WHERE len(c.reject_reasons) = 0 AND NOT coalesce(c.is_image, false)
+              AND {video_tests}
+            UNION ALL
+            SELECT c.* FROM clips c CROSS JOIN {_thresholds_row_sql()} t
+            WHERE len(c.reject_reasons) = 0 AND c.is_image
+              AND {image_tests}""",
     }
 
 
@@ -310,8 +320,8 @@ def _comment_everything(con: duckdb.DuckDBPyConnection) -> None:
         sch = _schema_for(table)
         for f in sch:
             con.execute(f"COMMENT ON COLUMN {table}.{f.name} IS {_q(_field_doc(f))}")
-        if table in BASE_TABLES.values():
-            con.execute(f"COMMENT ON COLUMN {table}.registered_at IS {_q(REGISTERED_AT_DOC)}")
+        for name, _, doc in _extra_columns(table):
+            con.execute(f"COMMENT ON COLUMN {table}.{name} IS {_q(doc)}")
     thresholds_docs = {
         "name": "threshold name; the comment says which clips column it applies to",
         "value": "the limit; NULL switches the threshold off",
@@ -432,6 +442,75 @@ def _fingerprint(run_dir: Path) -> str:
     return h.hexdigest()
 
 
+def _replace_run_rows(con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Table], run_ids: list[str],
+                      now: datetime) -> dict[str, int]:
+    """Inside a transaction: swap the rows of ``run_ids`` for ``tables`` and recompute which run is current.
+
+    Only videos touched by these runs (in their old or new rows) are re-decided; a first registration of a large
+    run therefore inserts its rows already marked, instead of updating them afterwards.
+    """
+    replaced: dict[str, int] = {}
+    con.execute("CREATE OR REPLACE TEMP TABLE _affected (video_id VARCHAR)")
+    for base in BASE_TABLES.values():
+        if base in CURRENT_TABLES:
+            con.execute(f"INSERT INTO _affected SELECT DISTINCT video_id FROM {base} WHERE list_contains(?, run_id)",
+                        [run_ids])
+        replaced[base] = con.execute(f"DELETE FROM {base} WHERE list_contains(?, run_id)", [run_ids]).fetchone()[0]
+    for key in ("videos", "clips"):
+        con.register(f"_in_{key}", tables[key])
+    try:
+        con.register("_in_runs", tables["runs"])
+        cols = ", ".join(schema.RUNS.names)
+        con.execute(f"INSERT INTO runs ({cols}, registered_at) SELECT {cols}, ? FROM _in_runs", [now])
+        con.unregister("_in_runs")
+        con.execute("INSERT INTO _affected SELECT DISTINCT video_id FROM _in_videos "
+                    "UNION SELECT DISTINCT video_id FROM _in_clips")
+        # The latest run per affected video: the run that started last (registration time, then run_id, break
+        # ties). Runs of a video are read from both videos and clips rows, so neither table can disagree.
+        con.execute("""
+            CREATE OR REPLACE TEMP TABLE _latest AS
+            WITH affected AS (SELECT DISTINCT video_id FROM _affected),
+            pairs AS (
+                SELECT video_id, run_id FROM videos_history SEMI JOIN affected USING (video_id)
+                UNION SELECT video_id, run_id FROM clips_history SEMI JOIN affected USING (video_id)
+                UNION SELECT video_id, run_id FROM _in_videos
+                UNION SELECT video_id, run_id FROM _in_clips
+            ),
+            run_order AS (
+                SELECT run_id, min(started_at) AS began, min(registered_at) AS reg FROM runs GROUP BY run_id
+            )
+            SELECT p.video_id, arg_max(p.run_id, (coalesce(o.began, o.reg, 'epoch'::TIMESTAMPTZ),
+                                                  coalesce(o.reg, 'epoch'::TIMESTAMPTZ), p.run_id)) AS run_id
+            FROM pairs p LEFT JOIN run_order o USING (run_id)
+            GROUP BY p.video_id""")
+        for key in ("videos", "clips"):
+            base = BASE_TABLES[key]
+            cols = ", ".join(f"i.{n}" for n in schema.TABLES[key].names)
+            names = ", ".join(schema.TABLES[key].names)
+            con.execute(f"""
+                INSERT INTO {base} ({names}, registered_at, is_current)
+                SELECT {cols}, ?, coalesce(i.run_id = l.run_id, false)
+                FROM _in_{key} i LEFT JOIN _latest l USING (video_id)""", [now])
+            # Older rows of the same videos: only those whose verdict flips are written.
+            con.execute(f"""
+                UPDATE {base} h SET is_current = (h.run_id = l.run_id)
+                FROM _latest l
+                WHERE h.video_id = l.video_id AND NOT list_contains(?, h.run_id)
+                  AND h.is_current IS DISTINCT FROM (h.run_id = l.run_id)""", [run_ids])
+    finally:
+        for key in ("videos", "clips"):
+            con.unregister(f"_in_{key}")
+    con.register("_in_rejects", tables["rejects"])
+    try:
+        cols = ", ".join(schema.REJECTS.names)
+        con.execute(f"INSERT INTO rejects ({cols}, registered_at) SELECT {cols}, ? FROM _in_rejects", [now])
+    finally:
+        con.unregister("_in_rejects")
+    con.execute("DROP TABLE _affected")
+    con.execute("DROP TABLE _latest")
+    return replaced
+
+
 def register_run(db_path: str | Path, run_dir: str | Path) -> RegisterResult:
     """Copy one curation output folder's tables into the catalog at ``db_path`` (created if absent).
 
@@ -455,18 +534,9 @@ def register_run(db_path: str | Path, run_dir: str | Path) -> RegisterResult:
             return RegisterResult(str(db_path), str(run_dir), tuple(run_ids), False,
                                   {k: 0 for k in RUN_FILES}, {b: 0 for b in BASE_TABLES.values()})
         now = datetime.now(UTC)
-        replaced: dict[str, int] = {}
         con.execute("BEGIN TRANSACTION")
         try:
-            for key, base in BASE_TABLES.items():
-                n = con.execute(f"SELECT count(*) FROM {base} WHERE list_contains(?, run_id)", [run_ids]).fetchone()
-                replaced[base] = n[0]
-                if n[0]:
-                    con.execute(f"DELETE FROM {base} WHERE list_contains(?, run_id)", [run_ids])
-                cols = ", ".join(schema.TABLES[key].names)
-                con.register("_incoming", tables[key])
-                con.execute(f"INSERT INTO {base} ({cols}, registered_at) SELECT {cols}, ? FROM _incoming", [now])
-                con.unregister("_incoming")
+            replaced = _replace_run_rows(con, tables, run_ids, now)
             con.execute("INSERT OR REPLACE INTO _registrations VALUES (?, ?, ?, ?)",
                         [str(run_dir), fingerprint, run_ids, now])
             con.execute("COMMIT")
