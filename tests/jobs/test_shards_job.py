@@ -1,0 +1,151 @@
+"""python -m jobs.shards end to end: catalog in, tars and catalog rows out, on in-process Ray and on a real head."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import webdataset as wds
+
+from catalog.db import open_catalog, register_run
+from jobs import shards as job
+from pipeline.shards import decode_jpg, decode_mp4
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/shard_fixtures.py, shared by the shard tests
+from shard_fixtures import make_library, write_run
+
+REPO = Path(__file__).resolve().parents[2]
+# Small buckets and a fast preset keep the job quick; same sections as jobs/configs/shards.toml.
+CONFIG = """
+[buckets]
+frames = [1, 9, 17]
+fps = 8.0
+resolutions = ["128x128", "96x160", "160x96", "64x192", "48x144"]
+
+[shards]
+maxcount = 2
+preset = "ultrafast"
+
+[ray]
+task_cpus = 0.5
+in_flight = 4
+"""
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("job")
+    videos, clips = make_library(root / "raw")
+    register_run(root / "catalog.duckdb", write_run(root / "run", videos, clips))
+    (root / "shards.toml").write_text(CONFIG)
+    return root / "catalog.duckdb"
+
+
+def _rows(db: Path, sql: str, params: list | None = None) -> list[tuple]:
+    con = open_catalog(db, read_only=True)
+    try:
+        return con.execute(sql, params or []).fetchall()
+    finally:
+        con.close()
+
+
+def _check_output(db: Path, out: Path, where: str) -> int:
+    samples = list(wds.WebDataset(sorted(str(p) for p in out.glob("*/shard-*.tar")), shardshuffle=False))
+    kept = dict(_rows(db, f"SELECT clip_id, caption FROM kept_clips WHERE {where}"))
+    assert samples
+    for s in samples:
+        meta = json.loads(s["json"])
+        f, h, w = (int(x) for x in meta["bucket"].split("x"))
+        frames = decode_jpg(s["jpg"]) if "jpg" in s else decode_mp4(s["mp4"])
+        assert frames.shape == (f, h, w, 3)
+        assert s["txt"].decode() == kept[meta["clip_id"]]
+    assert _rows(db, "SELECT count(*) FROM shard_samples WHERE output = ?", [str(out.resolve())])[0][0] == len(samples)
+    assert not list(out.rglob("*.tmp"))
+    return len(samples)
+
+
+def test_job_in_process_then_rerun_is_a_no_op(catalog, tmp_path, capsys):
+    out = tmp_path / "shards"
+    where = "aesthetic_mean >= 5.0"
+    argv = ["--catalog", str(catalog), "--where", where, "--output", str(out),
+            "--config", str(catalog.parent / "shards.toml")]
+    assert job.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "shards: wrote" in printed and "clips fit no bucket" in printed
+    n = _check_output(catalog, out, where)
+    assert n == len(_rows(catalog, f"SELECT 1 FROM kept_clips WHERE {where}")) - 1  # tiny.mp4 fits no bucket
+
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    assert job.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "shards: unchanged" in printed and "catalog: already had" in printed
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
+    assert _rows(catalog, "SELECT count(*) FROM shard_samples WHERE output = ?", [str(out.resolve())])[0][0] == n
+
+
+def test_bad_where_exits_non_zero_with_duckdb_message(catalog, tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert job.main(["--catalog", str(catalog), "--where", "aesthetic >= 5", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "aesthetic >= 5" in err and "Referenced column" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_unknown_config_key_is_named(catalog, tmp_path, capsys):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("[buckets]\nframez = [17]\n")
+    assert job.main(["--catalog", str(catalog), "--where", "true", "--output", str(tmp_path / "o"),
+                     "--config", str(cfg)]) == 2
+    assert "framez" in capsys.readouterr().err
+
+
+def test_shipped_config_loads():
+    from pipeline.buckets import BucketConfig
+    from pipeline.config import load_section
+    from pipeline.shards import ShardConfig
+
+    assert load_section(BucketConfig, job.DEFAULT_CONFIG, "buckets") == BucketConfig()
+    assert load_section(ShardConfig, job.DEFAULT_CONFIG, "shards") == ShardConfig()
+    assert load_section(job.RayConfig, job.DEFAULT_CONFIG, "ray") == job.RayConfig()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ray(*args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
+    exe = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+    return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_ray_job_submit_writes_the_same_shards(catalog, tmp_path):
+    where = "aesthetic_mean >= 5.0"
+    out = tmp_path / "shards"
+    port, dash = _free_port(), _free_port()
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    tmp_ray = Path("/tmp") / f"rays{os.getpid()}"  # Ray's socket paths must stay short
+    started = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
+                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+                   "--include-dashboard=true", f"--temp-dir={tmp_ray}", "--disable-usage-stats",
+                   env=env, timeout=180)
+    assert started.returncode == 0, started.stderr[-3000:]
+    try:
+        sub = _ray("job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
+                   "--", "python", "-m", "jobs.shards", "--catalog", str(catalog), "--where", where,
+                   "--output", str(out), "--config", str(catalog.parent / "shards.toml"),
+                   env=env, timeout=600)
+        assert sub.returncode == 0, (sub.stdout + sub.stderr)[-5000:]
+        assert "shards: wrote" in sub.stdout
+    finally:
+        _ray("stop", "--force", env=env, timeout=120)
+        shutil.rmtree(tmp_ray, ignore_errors=True)
+    _check_output(catalog, out, where)
