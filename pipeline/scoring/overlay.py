@@ -33,11 +33,16 @@ from pipeline.scoring._frames import check_frames, gray_at, working_size
 WORK_SIDE = 192
 MAX_FRAMES = 12
 HIGHPASS_SIGMA = 1.5
+NORM_STD = 48.0         # every frame's luma is rescaled to this spread (typical footage: 40-60)
+FLAT_STD = 8.0          # ...but a nearly flat frame (a fade) is not stretched beyond this
+JITTER_MIN_PX = 0.75    # global shift spread (working px) above which the camera counts as moving
+FRAME_OVER_SCENE = 0.2  # a mark's coherence must beat its coherence on scene-aligned frames by this
 MIN_FRAMES = 3
 EDGE_MIN = 4.0          # luma levels per px: weaker persistent gradients are codec/noise texture
 COHERENCE_MIN = 0.35    # random gradients over K=12 frames average ~0.08 and exceed 0.35 for ~1.5% of pixels
 CHANGE_MIN = 6.0        # temporal luma std that counts as "the content here changes"
 NEAR_PX = 4             # a candidate edge needs change within this many working pixels
+ISOTROPY_FULL = 0.25    # structure-tensor eigenvalue ratio at which edge directions count as varied
 MASS_FULL = 60          # candidate pixels at which a group counts as fully supported (a ~15x8 px outline)
 
 
@@ -56,6 +61,43 @@ def _pick(n: int, k: int) -> np.ndarray:
     return np.unique(np.round(np.linspace(0, n - 1, min(n, k))).astype(int))
 
 
+def _normalised(gray: np.ndarray) -> np.ndarray:
+    """Luma with a fixed mean and spread, so exposure drift and flicker are not "change"."""
+    g = gray.astype(np.float32)
+    mean, std = cv2.meanStdDev(g)
+    return (g - float(mean[0, 0])) * (NORM_STD / max(float(std[0, 0]), FLAT_STD)) + 128.0
+
+
+def _fine_gradient(gray: np.ndarray) -> np.ndarray:
+    """(2, h, w) gradient of the fine-detail band, in luma levels per pixel."""
+    # Only fine detail: coarse content structure stays correlated over a slow pan and would average
+    # into persistent streaks along the motion, while a mark's edges are sharp.
+    fine = gray - cv2.GaussianBlur(gray, (0, 0), HIGHPASS_SIGMA)
+    # Sobel of a unit ramp is 8.
+    return np.stack([cv2.Sobel(fine, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(fine, cv2.CV_32F, 0, 1, ksize=3)]) / 8.0
+
+
+def _persistence(grads: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """mean_t g (2, h, w), |mean_t g|^2 and coherence |mean_t g|^2 / mean_t |g|^2 of (K, 2, h, w) gradients."""
+    mean = grads.mean(axis=0)                                          # (2, h, w)
+    persist_sq = (mean * mean).sum(axis=0)
+    return mean, persist_sq, persist_sq / ((grads * grads).sum(axis=1).mean(axis=0) + 1e-6)
+
+
+def _global_shifts(grays: np.ndarray) -> np.ndarray:
+    """(K, 2) translation of each frame relative to the middle one (phase correlation)."""
+    k, h, w = grays.shape
+    window = cv2.createHanningWindow((w, h), cv2.CV_32F)
+    ref = grays[k // 2]
+    # OpenCV 5 applies the window to its inputs in place: hand it copies.
+    return np.asarray([cv2.phaseCorrelate(ref.copy(), g.copy(), window)[0] for g in grays], np.float32)
+
+
+def _shift(gray: np.ndarray, dx: float, dy: float) -> np.ndarray:
+    h, w = gray.shape
+    return cv2.warpAffine(gray, np.float32([[1, 0, dx], [0, 1, dy]]), (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+
+
 def static_overlay(frames: np.ndarray) -> Overlay:
     """Static-overlay evidence for (N, H, W, 3) uint8 RGB frames spread over one clip (N >= 3)."""
     frames = check_frames(frames, "static_overlay")
@@ -64,39 +106,35 @@ def static_overlay(frames: np.ndarray) -> Overlay:
     h0, w0 = frames.shape[1:3]
     size = working_size(h0, w0, min(WORK_SIDE, max(h0, w0)))
     picks = _pick(len(frames), MAX_FRAMES)
-    grays = np.stack([gray_at(frames[i], size) for i in picks]).astype(np.float32)  # (K, h, w)
+    grays = np.stack([_normalised(gray_at(frames[i], size)) for i in picks])  # (K, h, w) float32
     k, h, w = grays.shape
-
-    sum_gx = np.zeros((h, w), np.float32)
-    sum_gy = np.zeros((h, w), np.float32)
-    sum_sq = np.zeros((h, w), np.float32)
-    for g in grays:
-        # Only fine detail: coarse content structure stays correlated over a slow pan and would average
-        # into persistent streaks along the motion, while a mark's edges are sharp.
-        fine = g - cv2.GaussianBlur(g, (0, 0), HIGHPASS_SIGMA)
-        # Sobel of a unit ramp is 8: divide so gradients read as luma levels per pixel.
-        gx = cv2.Sobel(fine, cv2.CV_32F, 1, 0, ksize=3) / 8.0
-        gy = cv2.Sobel(fine, cv2.CV_32F, 0, 1, ksize=3) / 8.0
-        sum_gx += gx
-        sum_gy += gy
-        sum_sq += gx * gx + gy * gy
-    persist_sq = (sum_gx * sum_gx + sum_gy * sum_gy) / (k * k)        # |mean g|^2, (h, w)
-    coherence = persist_sq / (sum_sq / k + 1e-6)
     changing = grays.std(axis=0) > CHANGE_MIN                          # (h, w) bool
     if not changing.any():
         return NONE
 
+    grads = np.stack([_fine_gradient(g) for g in grays])               # (K, 2, h, w)
+    mean_grad, persist_sq, coherence = _persistence(grads)
+    strong = (persist_sq > EDGE_MIN**2) & (coherence > COHERENCE_MIN)
+    shifts = _global_shifts(grays)                                     # (K, 2) px vs the middle frame
+    if np.ptp(shifts, axis=0).max() >= JITTER_MIN_PX:
+        # The camera moves: an edge that is as persistent once the frames are aligned on the scene
+        # belongs to the scene (shake, slow pan), not to a mark fixed to the frame.
+        aligned = np.stack([_fine_gradient(_shift(g, -dx, -dy)) for g, (dx, dy) in zip(grays, shifts)])
+        _, _, coherence_scene = _persistence(aligned)
+        strong &= coherence - coherence_scene > FRAME_OVER_SCENE
     near = cv2.dilate(changing.astype(np.uint8), np.ones((2 * NEAR_PX + 1,) * 2, np.uint8)) > 0
-    cand = (persist_sq > EDGE_MIN**2) & (coherence > COHERENCE_MIN) & near
+    cand = strong & near
     cand[:2, :] = cand[-2:, :] = cand[:, :2] = cand[:, -2:] = False  # codec padding rows/cols persist too
-    total = int(cand.sum())
-    if total == 0:
+    if not cand.any():
         return NONE
+    weight = np.where(cand, np.sqrt(persist_sq) * coherence, 0.0)   # strong, steady edges count most
+    total = float(weight.sum())
 
     # Join a mark's strokes and outline into one group.
     joined = cv2.dilate(cand.astype(np.uint8), np.ones((5, 5), np.uint8))
     n_lab, labels, stats, _ = cv2.connectedComponentsWithStats(joined, connectivity=8)
-    counts = np.bincount(labels[cand], minlength=n_lab)
+    counts = np.bincount(labels[cand], minlength=n_lab)              # candidate pixels per group
+    mass_w = np.bincount(labels[cand], weights=weight[cand], minlength=n_lab)
     counts[0] = 0
     for lab in range(1, n_lab):
         x, y, bw, bh, _ = stats[lab]
@@ -117,10 +155,18 @@ def static_overlay(frames: np.ndarray) -> Overlay:
     ring_mask[y0:y1, x0:x1] = False
     ring = float(changing[ring_mask].mean()) if ring_mask.any() else 0.0
 
-    share = mass / total
+    # A mark has edges in several directions; stripes that a pan slides along (the aperture problem)
+    # persist too, but all share one orientation.
+    mx, my = mean_grad[0][ys, xs], mean_grad[1][ys, xs]
+    jxx, jyy, jxy = float((mx * mx).sum()), float((my * my).sum()), float((mx * my).sum())
+    half_gap = np.sqrt(((jxx - jyy) / 2) ** 2 + jxy**2)
+    lam_max, lam_min = (jxx + jyy) / 2 + half_gap, (jxx + jyy) / 2 - half_gap
+    isotropy = min(1.0, lam_min / (ISOTROPY_FULL * lam_max + 1e-9))
+
+    share = float(mass_w[best]) / total
     support = min(1.0, mass / MASS_FULL)
     area = bw * bh / (w * h)
     size_ok = float(np.clip((0.5 - area) / 0.25, 0.0, 1.0))
-    score = float(np.clip(ring * share * support * size_ok, 0.0, 1.0))
+    score = float(np.clip(ring * share * support * size_ok * isotropy, 0.0, 1.0))
     box = (x0 / w, y0 / h, x1 / w, y1 / h)
     return Overlay(score=score, box=box)

@@ -113,3 +113,16 @@ def decode_media(name: str, *, every: int = 1, limit: int | None = None, max_sid
             if limit is not None and len(frames) >= limit:
                 break
     return np.stack(frames), np.asarray(times)
+
+
+def handheld(seed: int = 0, n: int = 24, amp: float = 2.0, h: int = H, w: int = W) -> np.ndarray:
+    """A still scene shaken by random sub-pixel jitter of about ``amp`` px, with a little sensor noise."""
+    rng = np.random.default_rng(seed)
+    big = texture(seed, h + 16, w + 16)
+    out = []
+    for _ in range(n):
+        dx, dy = rng.uniform(-amp, amp, 2)
+        m = np.float32([[1, 0, -8 + dx], [0, 1, -8 + dy]])
+        f = cv2.warpAffine(big, m, (w, h), flags=cv2.INTER_LINEAR).astype(np.float32)
+        out.append(np.clip(f + rng.normal(0, 2, f.shape), 0, 255).astype(np.uint8))
+    return np.stack(out)
