@@ -170,7 +170,7 @@ def _score_clip(info, video_id, start, end, fps, frames, times, decode: DecodeCo
         "start_s": start / fps, "end_s": end / fps,
         "frames": int(end - start),
         "duration": 0.0 if info.is_image else (end - start) / fps,
-        "fps": float(info.fps),
+        "fps": None if info.is_image else float(info.fps),
         "width": int(info.display_width), "height": int(info.display_height),
         "is_image": bool(info.is_image),
         "sharpness_min": float(sharp.min), "sharpness_median": float(sharp.median),

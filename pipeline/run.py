@@ -226,11 +226,14 @@ def resolve_sources(cfg: CurateConfig, out: Path) -> tuple[ModelSources, bool]:
         st = build_standins(folder)
         log(f"USING TINY RANDOM STAND-IN MODELS from {folder} (scores and captions are meaningless; "
             f"configure [models] standins=false and real weights for real curation)")
-        caption = dataclasses.replace(caption, backend="transformers", model=str(st.captioner))
+        if caption.backend != "openai":  # an endpoint is a real service, not something to stand in for
+            caption = st.caption_config(prompt=caption.prompt, num_frames=caption.num_frames)
+        # Random stand-ins give meaningless model scores: record them, but let no clip be dropped by them.
+        prefilter = dataclasses.replace(cfg.prefilter, watermark_max=None, aesthetic_min=None, caption_similarity_min=None)
         return ModelSources(
-            watermark=str(st.watermark), clip_model=st.clip_model, clip_pretrained=str(st.clip_pretrained),
-            aesthetic_mlp=str(st.aesthetic_mlp), caption=caption, device=m.device,
-            model_fps=cfg.decode.model_fps, prefilter=cfg.prefilter,
+            watermark=st.watermark, clip_model=st.clip_model, clip_pretrained=st.clip_pretrained,
+            aesthetic_mlp=st.aesthetic_mlp, caption=caption, device=m.device,
+            model_fps=cfg.decode.model_fps, prefilter=prefilter,
         ), True
     return ModelSources(
         watermark=m.watermark, clip_model=m.clip_model, clip_pretrained=m.clip_pretrained,
