@@ -58,12 +58,14 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+# initializer_range 0.5 (not the usual 0.02): with tiny random weights at 0.02 the prompt swamps
+# the pixels and every clip gets the same caption, which would hide clip/caption mix-ups in tests.
 CAPTIONER_SPEC: dict[str, Any] = {
-    "text": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "text": {"initializer_range": 0.5, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
              "num_key_value_heads": 2, "max_position_embeddings": 4096,
              # head_dim 8 → 4 rotary pairs split over (t, h, w).
              "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [1, 1, 2]}},
-    "vision": {"depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
+    "vision": {"initializer_range": 0.5, "depth": 2, "embed_dim": 32, "hidden_size": 32, "num_heads": 2, "mlp_ratio": 2,
                "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2},
     "min_pixels": 56 * 56,
     "max_pixels": 112 * 112,

@@ -3,8 +3,19 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.models.standins import Standins, build_standins
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Tiny models on a shared 2-core machine run several times faster on one thread
+    (measured 0.19 s vs 1.4 s per stand-in caption under load); restored after each module."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="session")
