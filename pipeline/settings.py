@@ -60,7 +60,6 @@ class RayConfig:
     actor_cpus: float = 0.25     # per model actor: fractional so actors never starve the decode tasks on small hosts
     actors_per_stage: int = 1
     batch_size: int = 8          # clips per model batch
-    max_tasks_in_flight: int = 0  # 0: let Ray decide
 
 
 @dataclass(frozen=True, kw_only=True)
