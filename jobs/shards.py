@@ -52,8 +52,12 @@ def ray_render_many(ray_cfg: RayConfig, started: list[bool]):
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS", "local"), log_to_driver=False)
+            address = os.environ.get("RAY_ADDRESS", "local")
+            ray.init(address=address, log_to_driver=False)
             started.append(True)
+            where = "in-process cluster" if address == "local" else f"connected to {address}"
+            print(f"ray: {where}, {ray.cluster_resources().get('CPU', 0):g} CPUs,"
+                  f" {ray_cfg.task_cpus:g} per encode task", flush=True)
         task = ray.remote(num_cpus=ray_cfg.task_cpus)(_render_task)
         cfg_ref = ray.put(cfg)
         pending: deque = deque()

@@ -333,7 +333,7 @@ class BucketTarWriter:
             self._finish()
         if self._tar is None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            self._tar = tarfile.open(self._tmp_path(len(self.done)), "w", format=tarfile.USTAR_FORMAT)
+            self._tar = tarfile.open(self._tmp_path(len(self.done)), "w", format=tarfile.PAX_FORMAT)
             self._count = self._bytes = 0
         for ext, data in files.items():
             self._tar.addfile(*_tar_member(f"{key}.{ext}", data))

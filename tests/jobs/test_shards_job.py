@@ -76,7 +76,7 @@ def test_job_in_process_then_rerun_is_a_no_op(catalog, tmp_path, capsys):
             "--config", str(catalog.parent / "shards.toml")]
     assert job.main(argv) == 0
     printed = capsys.readouterr().out
-    assert "shards: wrote" in printed and "clips fit no bucket" in printed
+    assert "shards: wrote" in printed and "clips fit no bucket" in printed and "ray: in-process cluster" in printed
     n = _check_output(catalog, out, where)
     assert n == len(_rows(catalog, f"SELECT 1 FROM kept_clips WHERE {where}")) - 1  # tiny.mp4 fits no bucket
 
@@ -145,6 +145,7 @@ def test_ray_job_submit_writes_the_same_shards(catalog, tmp_path):
                    env=env, timeout=600)
         assert sub.returncode == 0, (sub.stdout + sub.stderr)[-5000:]
         assert "shards: wrote" in sub.stdout
+        assert "ray: connected to" in sub.stdout  # the job used the cluster it was submitted to
     finally:
         _ray("stop", "--force", env=env, timeout=120)
         shutil.rmtree(tmp_ray, ignore_errors=True)
