@@ -304,17 +304,21 @@ def run_report(argv: Sequence[str], out: IO[str], err: IO[str]) -> int:
     p = argparse.ArgumentParser(prog="python -m catalog report", description="Write the static HTML report.")
     p.add_argument("db")
     p.add_argument("--output", required=True, help="HTML file to write")
-    p.add_argument("--clips", type=int, default=report.ReportOptions.clips_per_sheet,
-                   help="clips per contact sheet (kept, rejected)")
-    p.add_argument("--thumbs", type=int, default=report.ReportOptions.thumbs_per_clip,
-                   help="thumbnails per clip")
+    defaults = report.ReportOptions()
+    p.add_argument("--clips", type=int, default=defaults.clips_per_sheet,
+                   help=f"clips per contact sheet, kept and rejected (default: {defaults.clips_per_sheet})")
+    p.add_argument("--thumbs", type=int, default=defaults.thumbs_per_clip,
+                   help=f"thumbnails per clip (default: {defaults.thumbs_per_clip})")
     args = p.parse_args(argv)
     if not Path(args.db).is_file():
         err.write(f"error: catalog {args.db} does not exist\n")
         return EXIT_USAGE
     try:
-        summary = report.write_report(args.db, args.output,
-                                      report.ReportOptions(clips_per_sheet=args.clips, thumbs_per_clip=args.thumbs))
+        options = report.ReportOptions(clips_per_sheet=args.clips, thumbs_per_clip=args.thumbs)
+        summary = report.write_report(args.db, args.output, options)
+    except ValueError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_USAGE
     except duckdb.Error as exc:
         err.write(f"error: {exc}\n")
         return EXIT_SQL_ERROR
