@@ -30,7 +30,9 @@ LOGO_ALPHA = 0.55
 DEFOCUS_SIGMA = 3.0
 STATIC_NOISE_SIGMA = 1.0
 TRUTH_FILE = "sample_truth.json"
-_X264_OPTIONS = {"crf": "18", "preset": "veryfast", "g": "48"}
+# mbtree off: its SIMD code reads uninitialised memory here, so even single-threaded x264 gave
+# different bytes run to run on smooth (defocused) content whenever the heap held other garbage.
+_X264_OPTIONS = {"crf": "18", "preset": "veryfast", "g": "48", "x264-params": "mbtree=0"}
 
 
 @dataclass(frozen=True)
@@ -160,7 +162,9 @@ def _add_discs(rng: np.random.Generator, frames: list[np.ndarray], count: int) -
     for _ in range(count):
         r = int(rng.integers(14, 28))
         x0, y0 = rng.uniform(r, WIDTH - r), rng.uniform(r, HEIGHT - r)
-        vx, vy = rng.uniform(-2.5, 2.5), rng.uniform(-1.5, 1.5)
+        # At least 2.5 px/frame: a slow disc would sit still long enough to look like an overlay.
+        speed, heading = rng.uniform(2.5, 4.0), rng.uniform(0, 2 * np.pi)
+        vx, vy = speed * np.cos(heading), speed * np.sin(heading)
         colour = tuple(int(c) for c in rng.integers(20, 240, 3))
         edge = tuple(255 - c for c in colour)
         for i in range(n):

@@ -177,7 +177,15 @@ def test_probe_real_video(media_dir, name):
     assert info.has_audio is has_audio
     assert (info.container, info.codec) == (container, codec)
     assert not info.is_image and not info.fps_variable and info.rotation == 0
-    assert info.frames == _plain_decode_count(path)
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n in LONG else n for n in sorted(REAL_VIDEOS)])
+def test_probe_count_equals_plain_decode(media_dir, name):
+    path = media_dir / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    assert probe(path).frames == _plain_decode_count(path)
 
 
 @pytest.mark.parametrize("name", [
