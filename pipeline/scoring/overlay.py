@@ -43,6 +43,7 @@ COHERENCE_MIN = 0.35    # random gradients over K=12 frames average ~0.08 and ex
 CHANGE_MIN = 6.0        # temporal luma std that counts as "the content here changes"
 NEAR_PX = 4             # a candidate edge needs change within this many working pixels
 ISOTROPY_FULL = 0.25    # structure-tensor eigenvalue ratio at which edge directions count as varied
+LINE_FRACTION = 0.6     # a row/column this full of candidates is a frame-wide line (letterbox edge)
 MASS_FULL = 60          # candidate pixels at which a group counts as fully supported (a ~15x8 px outline)
 
 
@@ -125,6 +126,16 @@ def static_overlay(frames: np.ndarray) -> Overlay:
     near = cv2.dilate(changing.astype(np.uint8), np.ones((2 * NEAR_PX + 1,) * 2, np.uint8)) > 0
     cand = strong & near
     cand[:2, :] = cand[-2:, :] = cand[:, :2] = cand[:, -2:] = False  # codec padding rows/cols persist too
+    # Letterbox/pillarbox borders and split-screen seams are persistent lines across the whole frame:
+    # not marks, and a mark touching one must not be merged into it and discarded with it.
+    for axis, length in ((1, w), (0, h)):
+        lines = np.nonzero(cand.sum(axis=axis) > LINE_FRACTION * length)[0]
+        for i in lines:
+            sl = slice(max(0, i - 1), i + 2)
+            if axis == 1:
+                cand[sl, :] = False
+            else:
+                cand[:, sl] = False
     if not cand.any():
         return NONE
     weight = np.where(cand, np.sqrt(persist_sq) * coherence, 0.0)   # strong, steady edges count most

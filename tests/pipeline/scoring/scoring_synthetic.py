@@ -1,4 +1,6 @@
-"""Synthetic clips for the scorer tests: numpy frames whose right answers are known by construction."""
+"""Synthetic clips for the scorer tests: numpy frames whose right answers are known by construction.
+
+Imported by the scorer tests (not a conftest: helpers, not fixtures)."""
 from __future__ import annotations
 
 from pathlib import Path
