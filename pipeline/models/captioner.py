@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import concurrent.futures
+import http.client
 import io
 import json
 import os
@@ -311,7 +312,7 @@ class OpenAICaptioner:
                 else:
                     last_problem = f"connection failed: {err.reason}"
                 continue
-            except ConnectionError as err:  # server closed the connection mid-response
+            except (ConnectionError, http.client.HTTPException) as err:  # connection dropped mid-response
                 last_problem = f"connection failed: {type(err).__name__}: {err}"
                 continue
             return self._parse(index, body, time.perf_counter() - start)

@@ -240,6 +240,8 @@ def build_standins(out_dir: str | Path) -> Standins:
                 return _paths(root)
         except json.JSONDecodeError:
             pass  # a torn marker means a torn build: rebuild below
+    if root.exists() and any(root.iterdir()) and not marker.is_file():
+        raise FileExistsError(f"stand-in out_dir {root}: expected an empty or stand-in directory, found other files")
     root.parent.mkdir(parents=True, exist_ok=True)
     # Build beside the target and rename, so a reader never sees a half-written directory.
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
@@ -256,9 +258,7 @@ def build_standins(out_dir: str | Path) -> Standins:
             k: os.path.relpath(v, tmp) for k, v in dataclasses.asdict(paths).items() if k != "root"
         }}, indent=2))
         if root.exists():
-            if any(root.iterdir()) and not marker.is_file():
-                raise FileExistsError(f"stand-in out_dir {root}: expected an empty or stand-in directory, found other files")
-            shutil.rmtree(root)  # a stand-in directory from another recipe
+            shutil.rmtree(root)  # empty, or a stand-in directory from another recipe (checked above)
         try:
             os.replace(tmp, root)
         except OSError:
