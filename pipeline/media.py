@@ -461,8 +461,12 @@ def open_frames(path: str | Path, info: MediaInfo, *, max_side: int | None = Non
     """
     if backend not in ("auto", "decord", "pyav"):
         raise ValueError(f"expected backend 'auto', 'decord' or 'pyav', got {backend!r}")
-    if info.is_image and backend == "decord":
-        raise ValueError(f"expected a video for the decord backend, got an image: {path}")
+    if backend == "decord" and not _decord_eligible(info):
+        raise ValueError(
+            f"expected a constant-rate, unrotated, square-pixel {'/'.join(_DECORD_CONTAINERS)} "
+            f"{'/'.join(_DECORD_CODECS)} video for the decord backend, got {info.container}/{info.codec} "
+            f"(rotation {info.rotation}, sample aspect {info.sample_aspect:.3g}, variable fps "
+            f"{info.fps_variable}): {path}")
     return FrameStream(Path(path), info, max_side=max_side, backend=backend)
 
 
@@ -503,7 +507,8 @@ def _iter_decord(path: Path, info: MediaInfo, max_side: int | None) -> Iterator[
     for start in range(0, n, _DECORD_BATCH):
         batch = reader.get_batch(list(range(start, min(n, start + _DECORD_BATCH)))).asnumpy()  # (B, H, W, 3)
         for i, rgb in enumerate(batch):
-            yield start + i, rgb
+            # A copy: a kept view would pin the whole batch in memory.
+            yield start + i, rgb.copy()
 
 
 def _decode_tolerant(container: av.container.InputContainer, stream: av.VideoStream) -> Iterator[av.VideoFrame]:
@@ -520,22 +525,16 @@ def _decode_tolerant(container: av.container.InputContainer, stream: av.VideoStr
 
 
 def _iter_pyav(path: Path, info: MediaInfo, max_side: int | None) -> Iterator[tuple[int, np.ndarray]]:
-    w, h = _coded_target(info, max_side)
-    resize = (w, h) != (info.width, info.height)
-    container = _open_container(path)
+    size = _coded_target(info, max_side)
     produced = 0
-    with container:
+    with _open_container(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
         for frame in _decode_tolerant(container, stream):
             if produced >= info.frames:
                 produced += 1
                 continue  # keep counting for the error message
-            if resize:
-                rgb = frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="BILINEAR")
-            else:
-                rgb = frame.to_ndarray(format="rgb24")
-            yield produced, _to_display(rgb, info.rotation)
+            yield produced, _frame_rgb(frame, size, info)
             produced += 1
     if produced != info.frames:
         raise DecodeError(f"expected {info.frames} frames (probe's count), PyAV decoded {produced}: {path}")
@@ -545,48 +544,62 @@ def read_span(path: str | Path, info: MediaInfo, start: int, end: int, *,
               max_side: int | None = None) -> np.ndarray:
     """Frames ``[start, end)`` as ``(end - start, H, W, 3)`` uint8, seeking to the keyframe before ``start``.
 
-    Frame indices are those ``open_frames`` yields.
+    Frame indices are those ``open_frames`` yields. Always decoded by PyAV (seeking in decord 0.6 is
+    unreliable), so at a downscaled size the pixels may differ slightly from a decord stream's.
     """
     path = Path(path)
     if not 0 <= start < end <= info.frames:
         raise ValueError(f"expected 0 <= start < end <= {info.frames}, got [{start}, {end}): {path}")
     if info.is_image:
         return _read_image(path, info, max_side)[None]
-    w, h = _coded_target(info, max_side)
-    resize = (w, h) != (info.width, info.height)
-    container = _open_container(path)
-    out: list[np.ndarray] = []
-    with container:
+    size = _coded_target(info, max_side)
+    with _open_container(path) as container:
+        stamps = _frame_timestamps(container, _video_stream(container, path), path)
+    if stamps is not None and len(stamps) == info.frames:
+        # Timestamps name the frames: seek to the keyframe before `start`, decode forward.
+        index_of = {ts: i for i, ts in enumerate(stamps)}
+        with _open_container(path) as container:
+            stream = _video_stream(container, path)
+            stream.thread_type = "AUTO"
+            container.seek(stamps[start], stream=stream, backward=True, any_frame=False)
+            indexed = ((index_of.get(frame.pts, -1), frame) for frame in _decode_tolerant(container, stream))
+            frames = _take_span(indexed, start, end, size, info, path)
+        if frames is not None:
+            return frames
+    # No usable timestamps, or the seek landed past `start`: decode from the beginning and count.
+    with _open_container(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
-        stamps = _frame_timestamps(container, stream, path)
-        if stamps is None or len(stamps) != info.frames:
-            # No usable timestamps: decode from the start and count.
-            stream_iter = ((i, f) for i, f in enumerate(_decode_tolerant(container, _rewind(container, stream))))
-        else:
-            index_of = {ts: i for i, ts in enumerate(stamps)}
-            container.seek(stamps[start], stream=stream, backward=True, any_frame=False)
-            stream_iter = ((index_of.get(f.pts, -1), f) for f in _decode_tolerant(container, stream))
-        for index, frame in stream_iter:
-            if index < start:
-                continue
-            if index >= end:
-                break
-            if index != start + len(out):
-                raise DecodeError(f"expected frame {start + len(out)} next while reading [{start}, {end}), "
-                                  f"got frame {index}: {path}")
-            if resize:
-                rgb = frame.to_ndarray(width=w, height=h, format="rgb24", interpolation="BILINEAR")
-            else:
-                rgb = frame.to_ndarray(format="rgb24")
-            out.append(_to_display(rgb, info.rotation))
-            if len(out) == end - start:
-                break
-    if len(out) != end - start:
-        raise DecodeError(f"expected {end - start} frames in [{start}, {end}), decoded {len(out)}: {path}")
-    return np.stack(out)
+        frames = _take_span(enumerate(_decode_tolerant(container, stream)), start, end, size, info, path)
+    if frames is None:
+        raise DecodeError(f"expected frame {start} in the stream, decoding from the start skipped it: {path}")
+    return frames
 
 
-def _rewind(container: av.container.InputContainer, stream: av.VideoStream) -> av.VideoStream:
-    container.seek(0, stream=stream, backward=True, any_frame=False)
-    return stream
+def _take_span(indexed: Iterator[tuple[int, av.VideoFrame]], start: int, end: int, size: tuple[int, int],
+               info: MediaInfo, path: Path) -> np.ndarray | None:
+    """Frames [start, end) from (index, frame) pairs; None when the first one after `start` is late."""
+    out: list[np.ndarray] = []
+    for index, frame in indexed:
+        if index < start:
+            continue
+        if index != start + len(out):
+            if not out:
+                return None
+            raise DecodeError(f"expected frame {start + len(out)} next while reading [{start}, {end}), "
+                              f"got frame {index}: {path}")
+        out.append(_frame_rgb(frame, size, info))
+        if len(out) == end - start:
+            return np.stack(out)
+    raise DecodeError(f"expected {end - start} frames in [{start}, {end}), decoded {len(out)}: {path}")
+
+
+def _frame_rgb(frame: av.VideoFrame, size: tuple[int, int], info: MediaInfo) -> np.ndarray:
+    """One decoded frame as display-oriented RGB; `size` is the coded-orientation target."""
+    if size != (info.width, info.height):
+        # BILINEAR: swscale widens the filter when shrinking (no aliasing), and it is what decord's
+        # scaler matches most closely.
+        rgb = frame.to_ndarray(width=size[0], height=size[1], format="rgb24", interpolation="BILINEAR")
+    else:
+        rgb = frame.to_ndarray(format="rgb24")
+    return _to_display(rgb, info.rotation)

@@ -215,6 +215,27 @@ def test_webm_invisible_frames_are_not_counted(media_dir):
     assert packets > info.frames == _plain_decode_count(path)
 
 
+@pytest.mark.parametrize("name", ["stream-of-water.webm", "again.mkv", "bbb_480p_vp9_opus_1second.webm", "friday.mp4"])
+def test_read_span_real_video_matches_the_stream(media_dir, name):
+    path = media_dir / name
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    info = probe(path)
+    every = _frames(path, info, max_side=96, backend="pyav")
+    n = info.frames
+    for start, end in ((0, 2), (n // 2 - 3, n // 2 + 4), (n - 5, n)):
+        np.testing.assert_array_equal(read_span(path, info, start, end, max_side=96), every[start:end],
+                                      err_msg=f"{name} span [{start}, {end})")
+
+
+def test_decord_is_refused_where_it_is_wrong(media_dir):
+    path = media_dir / "flower.webm"
+    if not path.exists():
+        pytest.skip(f"{path} is absent")
+    with pytest.raises(ValueError, match="webm/vp8"):
+        open_frames(path, probe(path), backend="decord")
+
+
 def test_full_range_mkv_decodes_to_full_range_rgb(media_dir):
     path = media_dir / "again.mkv"
     if not path.exists():
@@ -223,8 +244,15 @@ def test_full_range_mkv_decodes_to_full_range_rgb(media_dir):
     frames = _frames(path, info)
     assert frames.shape == (info.frames, 480, 640, 3)
     with av.open(str(path)) as container:
-        first = next(container.decode(video=0)).to_ndarray(format="rgb24")
-    np.testing.assert_array_equal(frames[0], first)
+        frame = next(container.decode(video=0))
+        assert frame.format.name == "yuvj420p"
+        plane = frame.planes[0]
+        y = np.frombuffer(plane, np.uint8).reshape(plane.height, -1)[:, :frame.width].astype(np.float32)
+    rgb = frames[0].astype(np.float32)
+    luma = 0.299 * rgb[..., 0] + 0.587 * rgb[..., 1] + 0.114 * rgb[..., 2]
+    # Full range: luma is the coded Y itself. Read as limited range it would be stretched by 255/219.
+    assert np.abs(luma - y).mean() < 2
+    assert np.abs(luma - (y - 16) * 255 / 219).mean() > 4
 
 
 @pytest.mark.parametrize("name", sorted(REAL_IMAGES))
