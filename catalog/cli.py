@@ -92,6 +92,8 @@ def query(db_path: str | Path, sql: str) -> list[pa.Table]:
 def _cell_text(value: Any, typ: pa.DataType) -> str:
     if value is None:
         return "NULL"
+    if isinstance(value, bool):
+        return "true" if value else "false"
     if isinstance(value, float):
         if pa.types.is_float32(typ):
             return f"{value:.7g}"

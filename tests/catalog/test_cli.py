@@ -46,7 +46,7 @@ def test_query_prints_aligned_table(registered: Path) -> None:
     assert len({len(line) for line in lines[:4]}) == 1
 
 
-@pytest.mark.parametrize("statement", [
+REFUSED = [
     "DELETE FROM clips_history",
     "CREATE TABLE x AS SELECT * FROM clips",
     "COPY (SELECT * FROM clips) TO '{tmp}/leak.csv'",
@@ -57,7 +57,10 @@ def test_query_prints_aligned_table(registered: Path) -> None:
     "CREATE TEMP TABLE t AS SELECT 1",
     "EXPLAIN ANALYZE COPY (SELECT 1) TO '{tmp}/leak.csv'",
     "SELECT 1; DELETE FROM rejects",
-])
+]
+
+
+@pytest.mark.parametrize("statement", REFUSED[:3])
 def test_write_statements_are_refused_and_bytes_unchanged(registered: Path, tmp_path: Path, statement: str) -> None:
     before = _sha(registered)
     proc = _cli(str(registered), statement.format(tmp=tmp_path))
@@ -65,6 +68,16 @@ def test_write_statements_are_refused_and_bytes_unchanged(registered: Path, tmp_
     assert "refused" in proc.stderr and "read-only" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
+    assert _sha(registered) == before
+    assert not (tmp_path / "leak.csv").exists()
+
+
+def test_every_kind_of_write_is_refused_in_process(registered: Path, tmp_path: Path) -> None:
+    before = _sha(registered)
+    for statement in REFUSED:
+        code, out, err = _main(str(registered), statement.format(tmp=tmp_path))
+        assert (code, out) == (2, ""), statement
+        assert "refused" in err, (statement, err)
     assert _sha(registered) == before
     assert not (tmp_path / "leak.csv").exists() and not (tmp_path / "other.duckdb").exists()
 
