@@ -13,7 +13,6 @@ This module holds the helpers the model modules share; import the models from th
 """
 from __future__ import annotations
 
-import json
 import os
 import pickle
 from pathlib import Path
@@ -133,8 +132,3 @@ def default_device() -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def read_json(path: Path) -> dict:
-    with path.open() as fh:
-        return json.load(fh)

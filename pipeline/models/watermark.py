@@ -51,7 +51,8 @@ def build_watermark_net() -> nn.Module:
 
 def preprocess_watermark(frames: np.ndarray) -> torch.Tensor:
     """``(N, H, W, 3)`` uint8 → ``(N, 3, 256, 256)`` float, squashed (aspect not kept) and ImageNet-normalised."""
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, H, W)
+    # torch.tensor copies: frames may be read-only views (Arrow buffers, decoded images).
+    x = torch.tensor(frames).permute(0, 3, 1, 2).float().div_(255.0)  # (N, 3, H, W)
     # antialias=True matches the PIL bilinear resize the detector was trained with when shrinking.
     x = F.interpolate(x, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", antialias=True, align_corners=False)
     mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)

@@ -49,3 +49,41 @@ def test_refuses_to_overwrite_a_foreign_directory(tmp_path):
         build_standins(root)
     assert (root / "notes.txt").read_text() == "keep me"
     assert [p.name for p in tmp_path.iterdir()] == ["mine"], "no temporary build directory may be left behind"
+
+
+def _real_clips(media: Path) -> list:
+    """Real footage as the pipeline hands it over: a ~1 fps sample of a video and a very wide photo, longer side 384."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    with av.open(str(media / "stream-of-water.webm")) as container:
+        frames = [f.to_image() for f in container.decode(video=0)]
+    picked = [frames[i] for i in (0, 30, 60, len(frames) - 1)]
+    video = np.stack([np.asarray(im.resize((384, 288))) for im in picked])  # (4, 288, 384, 3)
+    photo = Image.open(media / "leopard.jpg").convert("RGB")
+    image = np.asarray(photo.resize((384, round(384 * photo.height / photo.width))))[None]  # (1, 128, 384, 3)
+    return [video, image]
+
+
+@pytest.mark.media
+def test_real_footage_through_every_standin(standins, shared_media):
+    import numpy as np
+
+    from pipeline.models.aesthetic import load_aesthetic
+    from pipeline.models.captioner import load_captioner
+    from pipeline.models.clipsim import load_clip_similarity
+    from pipeline.models.watermark import load_watermark
+
+    clips = _real_clips(shared_media)
+    watermark = load_watermark(standins.watermark)
+    aesthetic = load_aesthetic(standins.clip_model, standins.clip_pretrained, standins.aesthetic_mlp)
+    similarity = load_clip_similarity(standins.clip_model, standins.clip_pretrained)
+    captions = load_captioner(standins.caption_config()).caption(clips)
+    assert len(captions) == 2 and all(c.caption.strip() for c in captions)
+    for clip, caption in zip(clips, captions, strict=True):
+        probs = watermark.probs(clip)
+        scores = aesthetic.scores(clip)
+        assert probs.shape == scores.shape == (len(clip),)
+        assert np.all((probs >= 0) & (probs <= 1)) and np.all(np.isfinite(scores))
+        assert -1 <= similarity.similarity(clip, caption.caption) <= 1

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -46,7 +48,10 @@ def test_preprocessing_squashes_without_cropping_and_normalises():
 
 def test_probs_are_per_frame_probabilities(standin_watermark, make_clip):
     frames = make_clip(2, 90, 160, seed=1)
-    probs = standin_watermark.probs(frames)
+    frames.setflags(write=False)  # batches from Arrow arrive read-only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        probs = standin_watermark.probs(frames)
     assert probs.shape == (2,)
     assert probs.dtype == np.float32
     assert np.all((probs >= 0) & (probs <= 1))
