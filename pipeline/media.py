@@ -130,8 +130,12 @@ class MediaInfo:
 # probe
 
 
-def probe(path: str | Path) -> MediaInfo:
+def probe(path: str | Path, *, video_id: str | None = None) -> MediaInfo:
     """Read a video's or image's metadata and count its decodable frames.
+
+    Args:
+        path: a video or image file.
+        video_id: ``content_hash(path)`` when the caller already has it (saves reading the file twice).
 
     Raises:
         EmptyFileError, NotMediaError, NoVideoStreamError, DecodeError, UnsupportedSizeError.
@@ -143,7 +147,8 @@ def probe(path: str | Path) -> MediaInfo:
         raise EmptyFileError(f"expected a video or image file, got 0 bytes: {path}")
     with open(path, "rb") as f:
         head = f.read(16)
-    video_id = content_hash(path)
+    if video_id is None:
+        video_id = content_hash(path)
     image_format = _sniff_image(head)
     if image_format is not None:
         fields = _probe_image(path, image_format)

@@ -61,6 +61,8 @@ def test_content_hash_is_stable_under_renaming_and_changes_with_content(sample_d
     assert len(content_hash(src)) == 16 and int(content_hash(src), 16) >= 0
     assert probe(renamed).video_id == probe(src).video_id
     assert content_hash(sample_dir / "defocused.mp4") != content_hash(src)
+    # A caller that already hashed the file passes the id instead of reading the file twice.
+    assert probe(src, video_id=content_hash(src)) == replace(probe(src), probe_seconds=pytest.approx(0, abs=60))
 
 
 def test_to_row_uses_only_videos_columns(sample_dir):
