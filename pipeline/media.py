@@ -442,7 +442,7 @@ class FrameStream:
                     produced += 1
                     yield item
                 return
-            except (ImportError, RuntimeError, ValueError, _DecordCountMismatch) as e:
+            except _DecordFailure as e:
                 if produced:
                     raise DecodeError(f"expected {self.info.frames} frames, decord failed after "
                                       f"{produced} ({e}): {self.path}") from e
@@ -493,24 +493,32 @@ def _read_image(path: Path, info: MediaInfo, max_side: int | None) -> np.ndarray
         raise DecodeError(f"expected a decodable image, Pillow said {e!r}: {path}") from e
 
 
-class _DecordCountMismatch(Exception):
-    pass
+class _DecordFailure(Exception):
+    """decord could not deliver this file (or disagrees with PyAV about it)."""
 
 
 def _iter_decord(path: Path, info: MediaInfo, max_side: int | None) -> Iterator[tuple[int, np.ndarray]]:
-    import decord  # imported lazily: it is optional at run time and slow to import
+    try:
+        import decord  # imported lazily: only the processes that decode pay for it
+        from decord._ffi.base import DECORDError
+    except ImportError as e:
+        raise _DecordFailure(f"decord is not importable ({e})") from e
 
     w, h = output_size(info, max_side)
-    if (w, h) == (info.width, info.height):
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0))
-    else:
-        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), width=w, height=h)
-    n = len(reader)
+    size = {} if (w, h) == (info.width, info.height) else {"width": w, "height": h}
+    try:
+        reader = decord.VideoReader(str(path), ctx=decord.cpu(0), **size)
+        n = len(reader)
+    except (DECORDError, RuntimeError) as e:
+        raise _DecordFailure(f"decord could not open the file ({e})") from e
     if n != info.frames:
         # decord 0.6 ignores edit lists and pads trimmed files; PyAV's count is the truth.
-        raise _DecordCountMismatch(f"decord counts {n} frames, PyAV {info.frames}")
+        raise _DecordFailure(f"decord counts {n} frames, PyAV {info.frames}")
     for start in range(0, n, _DECORD_BATCH):
-        batch = reader.get_batch(list(range(start, min(n, start + _DECORD_BATCH)))).asnumpy()  # (B, H, W, 3)
+        try:
+            batch = reader.get_batch(list(range(start, min(n, start + _DECORD_BATCH)))).asnumpy()  # (B, H, W, 3)
+        except (DECORDError, RuntimeError) as e:
+            raise _DecordFailure(f"decord failed reading frames {start}+ ({e})") from e
         for i, rgb in enumerate(batch):
             # A copy: a kept view would pin the whole batch in memory.
             yield start + i, rgb.copy()

@@ -461,3 +461,42 @@ def test_frame_count_mismatch_is_a_decode_error(sample_dir):
         wrong = replace(info, frames=info.frames + 5)
         with pytest.raises(DecodeError, match=f"expected {info.frames + 5} frames"):
             _frames(path, wrong, backend=backend)
+
+
+# ---------------------------------------------------------------------------------------------
+# decord failures (decord patched)
+
+
+class _FailingReader:
+    """A decord VideoReader that delivers `good_batches` batches, then fails like decord does."""
+
+    def __init__(self, real, good_batches: int):
+        self.real, self.left = real, good_batches
+
+    def __len__(self):
+        return len(self.real)
+
+    def get_batch(self, indices):
+        from decord._ffi.base import DECORDError
+
+        if self.left == 0:
+            raise DECORDError("simulated: Error reading frame")
+        self.left -= 1
+        return self.real.get_batch(indices)
+
+
+@pytest.mark.parametrize("good_batches", [0, 1])
+def test_decord_failure_falls_back_or_reports(sample_dir, monkeypatch, good_batches):
+    decord = pytest.importorskip("decord")
+    real_reader = decord.VideoReader
+    monkeypatch.setattr(decord, "VideoReader", lambda *a, **kw: _FailingReader(real_reader(*a, **kw), good_batches))
+    path = sample_dir / "sharp.mp4"
+    info = probe(path)
+    stream = open_frames(path, info, max_side=160)
+    if good_batches == 0:
+        # Nothing yielded yet: PyAV takes over and the caller sees a complete stream.
+        frames = _collect(stream)
+        assert len(frames) == info.frames and stream.decoder == "pyav"
+    else:
+        with pytest.raises(DecodeError, match="decord failed after 32"):
+            _collect(stream)
