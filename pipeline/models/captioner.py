@@ -194,7 +194,8 @@ class TransformersCaptioner:
             inputs = self.processor(text=texts, videos=list(clips), return_tensors="pt", padding=True)
         else:
             inputs = self.processor(text=texts, images=[list(c) for c in clips], return_tensors="pt", padding=True)
-        inputs = inputs.to(self.device)
+        # Pixel tensors take the model's dtype (bf16 on GPU); token ids stay integer.
+        inputs = inputs.to(self.device).to(self.model.dtype)
         gen_kwargs: dict[str, Any] = {"max_new_tokens": self.cfg.max_new_tokens, "do_sample": self.cfg.do_sample}
         if self.cfg.do_sample:
             gen_kwargs["temperature"] = self.cfg.temperature

@@ -87,3 +87,20 @@ def test_real_footage_through_every_standin(standins, shared_media):
         assert probs.shape == scores.shape == (len(clip),)
         assert np.all((probs >= 0) & (probs <= 1)) and np.all(np.isfinite(scores))
         assert -1 <= similarity.similarity(clip, caption.caption) <= 1
+
+
+@pytest.mark.gpu
+def test_standins_on_cuda_match_cpu(standins, make_clip):
+    import numpy as np
+
+    from pipeline.models.aesthetic import load_aesthetic
+    from pipeline.models.captioner import load_captioner
+    from pipeline.models.watermark import load_watermark
+
+    clip = make_clip(2, 96, 128, seed=30)
+    cpu_wm, gpu_wm = load_watermark(standins.watermark), load_watermark(standins.watermark, device="cuda")
+    np.testing.assert_allclose(gpu_wm.probs(clip), cpu_wm.probs(clip), atol=0.05)  # bf16 autocast on GPU
+    args = (standins.clip_model, standins.clip_pretrained, standins.aesthetic_mlp)
+    np.testing.assert_allclose(load_aesthetic(*args, device="cuda").scores(clip), load_aesthetic(*args).scores(clip), atol=0.05)
+    [result] = load_captioner(standins.caption_config(), device="cuda").caption([clip])
+    assert result.caption.strip() and result.tokens >= 1
