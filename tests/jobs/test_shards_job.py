@@ -150,3 +150,61 @@ def test_ray_job_submit_writes_the_same_shards(catalog, tmp_path):
         _ray("stop", "--force", env=env, timeout=120)
         shutil.rmtree(tmp_ray, ignore_errors=True)
     _check_output(catalog, out, where)
+
+
+@pytest.mark.slow
+@pytest.mark.media
+def test_real_footage_curate_catalog_shards(shared_media, tmp_path):
+    """Real 3:1 and square photos and a portrait cut from a real clip: curate -> catalog -> shards."""
+    import av
+    import numpy as np
+
+    from catalog.db import set_threshold
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("leopard.jpg", "ice-cream.jpg"):
+        (raw / name).symlink_to(shared_media / name)  # referenced where they lie, never copied
+    with av.open(str(shared_media / "again.mkv")) as c:
+        frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+    with av.open(str(raw / "portrait.mp4"), "w") as out:  # 640x480 turned on its side, cropped to 360x640
+        s = out.add_stream("libx264", rate=30)
+        s.width, s.height, s.pix_fmt = 360, 640, "yuv420p"
+        s.codec_context.thread_count = 1
+        for f in frames:
+            out.mux(s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(np.rot90(f)[:, 60:420]), format="rgb24")))
+        out.mux(s.encode())
+    # Stand-in models score at random, so their curation cut-offs are opened up (TOML has no null) and
+    # their catalog thresholds switched off below; the geometry under test does not depend on them.
+    (tmp_path / "curate.toml").write_text(
+        "[prefilter]\nsharpness_min = 0.0\nwatermark_max = 1.0\naesthetic_min = -1000.0\n")
+    cur = tmp_path / "cur"
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run([sys.executable, "-m", "jobs.curate", "--input", str(raw), "--output", str(cur),
+                          "--config", str(tmp_path / "curate.toml")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-5000:]
+    db = cur / "catalog.duckdb"
+    con = open_catalog(db)
+    try:
+        for name in ("watermark_max", "aesthetic_min", "caption_similarity_min"):
+            set_threshold(con, name, None)
+    finally:
+        con.close()
+
+    out = tmp_path / "shards"
+    shards = subprocess.run([sys.executable, "-m", "jobs.shards", "--catalog", str(db), "--where", "true",
+                             "--output", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert shards.returncode == 0, (shards.stdout + shards.stderr)[-5000:]
+    uris = dict(_rows(db, "SELECT video_id, uri FROM videos"))
+    got = {}
+    for s in wds.WebDataset(sorted(str(p) for p in out.glob("*/shard-*.tar")), shardshuffle=False):
+        meta = json.loads(s["json"])
+        f, h, w = (int(x) for x in meta["bucket"].split("x"))
+        frames = decode_jpg(s["jpg"]) if "jpg" in s else decode_mp4(s["mp4"])
+        assert frames.shape == (f, h, w, 3)
+        x0, y0, x1, y1 = meta["crop"]
+        assert abs((x1 - x0) / (y1 - y0) - w / h) <= (w / h) / min(x1 - x0, y1 - y0)  # cropped, not stretched
+        got[Path(uris[meta["video_id"]]).name] = meta["bucket"]
+    assert got == {"leopard.jpg": "1x336x1024", "ice-cream.jpg": "1x592x592", "portrait.mp4": "17x336x192"}
