@@ -204,7 +204,8 @@ class TransformersCaptioner:
         with torch.inference_mode():
             out = self.model.generate(**inputs, **gen_kwargs)  # (B, prompt + new) or (B, new)
         latency = time.perf_counter() - start
-        new = out if self.model.config.is_encoder_decoder else out[:, inputs["input_ids"].shape[1]:]  # (B, new)
+        # Decoder-only outputs repeat the prompt; encoder-decoder outputs start with the decoder start token.
+        new = out[:, 1:] if self.model.config.is_encoder_decoder else out[:, inputs["input_ids"].shape[1]:]  # (B, new)
         results = []
         for row in new.tolist():
             n_tokens = next((i for i, t in enumerate(row) if t in self._stop_ids), len(row))
