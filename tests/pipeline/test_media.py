@@ -97,20 +97,27 @@ def test_open_frames_sample_yields_every_frame_downscaled(sample_dir, sample_tru
         path = sample_dir / item.file
         info = probe(path)
         frames = _frames(path, info, max_side=160)
-        assert frames.shape == (item.frames, 96, 160, 3) if item.kind != "image" else (1, 106, 160, 3)
+        expected = (1, 106, 160, 3) if item.kind == "image" else (item.frames, 96, 160, 3)
+        assert frames.shape == expected, item.file
         assert frames.dtype == np.uint8
         assert frames.std() > 10, f"{item.file} decodes to flat frames"
 
 
-def test_decoder_choice(sample_dir, media_dir):
+def test_decoder_choice(sample_dir):
     mp4 = sample_dir / "sharp.mp4"
     assert open_frames(mp4, probe(mp4)).decoder == "decord"
     jpg = sample_dir / "still.jpg"
     assert open_frames(jpg, probe(jpg)).decoder == "pillow"
-    for name in ("flower.webm", "bbb_480p_vp9_opus_1second.webm", "again.mkv"):
-        assert open_frames(media_dir / name, probe(media_dir / name)).decoder == "pyav", name
     with pytest.raises(ValueError, match="backend"):
         open_frames(mp4, probe(mp4), backend="opencv")
+
+
+def test_webm_and_mkv_never_go_to_decord(media_dir):
+    for name in ("flower.webm", "bbb_480p_vp9_opus_1second.webm", "again.mkv"):
+        stream = open_frames(media_dir / name, probe(media_dir / name), max_side=64)
+        assert stream.decoder == "pyav", name
+        _collect(stream)
+        assert stream.decoder == "pyav", name
 
 
 @pytest.mark.parametrize("max_side", [None, 160])
