@@ -1,17 +1,23 @@
 """The DuckDB catalog: every curation run's Parquet tables, thresholds as data, and the views users query.
 
-Layout of a catalog file (what a user sees with ``SHOW TABLES``):
+Layout of a catalog file (what a user sees with ``SHOW TABLES``; ``FROM column_docs`` explains every column):
 
-- base tables, one row per run that produced it (columns exactly as in :mod:`catalog.schema`, plus
-  ``registered_at``): ``videos_history``, ``clips_history``, ``rejects``, ``runs`` (one row per run attempt);
-- ``videos`` / ``clips``: views with the latest run of each video only (a re-curated video supersedes its
-  older rows; the history tables keep them);
+- base tables with every registered run's rows (the schema's columns, plus ``registered_at``):
+  ``videos_history``, ``clips_history``, ``rejects``, ``runs`` (one row per run attempt). The two history
+  tables also carry ``is_current``: true for the rows of the latest run of their video;
+- ``videos`` / ``clips``: views over the current rows, exactly the schema's columns. A video curated again in a
+  later run (later ``runs.started_at``) supersedes its older rows here; the history tables keep them;
 - ``thresholds`` (name, value, comment) and the views that apply them to the stored scores:
-  ``clip_verdicts`` (per clip, which thresholds it fails) and ``kept_clips`` (clips that pass all);
+  ``clip_verdicts`` (per clip: curation reasons, the thresholds it fails now, kept or not) and ``kept_clips``
+  (no curation reject reason and every threshold passed). Editing a threshold row changes both at once;
 - ``shards`` / ``shard_samples``: written by the shard job; created empty so joins work before any exist.
 
+Threshold policy: a NULL value (or a missing row) switches a threshold off. A NULL score fails a threshold that is
+on (clips prefiltered at curation time have no model scores). Motion, overlay and duration thresholds do not apply
+to still images (``is_image``): an image has no motion, no content change to tell an overlay from, no length.
+
 Registration is keyed by ``run_id``: registering a run folder replaces that run's rows with the folder's
-current content, and registering an unchanged folder again writes nothing at all.
+current content in one transaction, and registering an unchanged folder again writes nothing at all.
 """
 from __future__ import annotations
 

@@ -189,36 +189,44 @@ def _scalar(con: duckdb.DuckDBPyConnection, sql: str) -> int:
 
 
 def _sheet_clips(con: duckdb.DuckDBPyConnection, kept: bool, n: int) -> list[dict]:
-    """Kept: spread from the lowest aesthetic score up (the borderline ones matter most). Rejected: round-robin
-    over reasons, so every reason shows examples."""
+    """Clips for a contact sheet, with their video row and failed thresholds.
+
+    Kept: spread from the lowest aesthetic score up (the borderline ones matter most). Rejected: round-robin over
+    the reasons, so every reason shows examples. Ids are chosen on narrow columns first; full rows are fetched for
+    the chosen few only.
+    """
     if n == 0:
         return []
-    base = """
-        SELECT c.*, v.failed_thresholds, to_json(vid) AS video_json
-        FROM clips c JOIN clip_verdicts v USING (clip_id) JOIN videos vid ON vid.video_id = c.video_id"""
-    params: list = []
     if kept:
         total = _scalar(con, "SELECT count(*) FROM kept_clips")
         k = min(n, total)
         ranks = sorted({round(i * (total - 1) / max(k - 1, 1)) for i in range(k)})
-        sql = f"""
-            WITH k AS ({base} WHERE v.kept),
-            ranked AS (SELECT *, row_number() OVER (ORDER BY aesthetic_mean NULLS FIRST, clip_id) - 1 AS rn FROM k)
-            SELECT * EXCLUDE (rn) FROM ranked WHERE list_contains(?, rn)
-            ORDER BY aesthetic_mean NULLS FIRST, clip_id"""
-        params = [ranks]
+        ids = [r[0] for r in con.execute("""
+            SELECT clip_id FROM (
+                SELECT clip_id, row_number() OVER (ORDER BY aesthetic_mean NULLS FIRST, clip_id) - 1 AS rn
+                FROM kept_clips)
+            WHERE list_contains(?, rn) ORDER BY rn""", [ranks]).fetchall()]
     else:
-        sql = f"""
-            WITH r AS ({base} WHERE NOT v.kept),
-            reasons AS (SELECT *, unnest(CASE WHEN len(reject_reasons) + len(failed_thresholds) = 0 THEN ['?']
-                                        ELSE list_concat(reject_reasons, failed_thresholds) END) AS reason FROM r),
-            ranked AS (SELECT *, row_number() OVER (PARTITION BY reason ORDER BY hash(clip_id)) AS k FROM reasons),
-            picked AS (SELECT * EXCLUDE (reason, k), min(k) OVER (PARTITION BY clip_id) AS first_k,
-                              row_number() OVER (PARTITION BY clip_id ORDER BY k, reason) AS dup
-                       FROM ranked)
-            SELECT * EXCLUDE (first_k, dup) FROM picked WHERE dup = 1
-            ORDER BY first_k, hash(clip_id) LIMIT {n}"""
-    rows = _rows(con, sql, params)
+        # Per reason, the n clips with the smallest hash: a stable pseudo-random sample, no sort of all rows.
+        per_reason = con.execute(f"""
+            SELECT reason, min_by(clip_id, hash(clip_id), {int(n)}) FROM (
+                SELECT clip_id, unnest(CASE WHEN len(reject_reasons) + len(failed_thresholds) = 0 THEN ['?']
+                                       ELSE list_concat(reject_reasons, failed_thresholds) END) AS reason
+                FROM clip_verdicts WHERE NOT kept)
+            GROUP BY reason ORDER BY count(*) DESC, reason""").fetchall()
+        ids = []
+        for depth in range(n):
+            for _, candidates in per_reason:
+                if depth < len(candidates) and candidates[depth] not in ids and len(ids) < n:
+                    ids.append(candidates[depth])
+    if not ids:
+        return []
+    rows = _rows(con, """
+        SELECT c.*, v.failed_thresholds, to_json(vid) AS video_json
+        FROM clips c JOIN clip_verdicts v USING (clip_id) JOIN videos vid ON vid.video_id = c.video_id
+        WHERE list_contains(?, c.clip_id)""", [ids])
+    order = {clip_id: i for i, clip_id in enumerate(ids)}
+    rows.sort(key=lambda r: order[r["clip_id"]])
     for row in rows:
         row["video"] = json.loads(row.pop("video_json"))
     return rows
