@@ -20,10 +20,26 @@ def working_size(h: int, w: int, longer: int) -> tuple[int, int]:
     return max(1, round(w * s)), max(1, round(h * s))
 
 
+def shrink(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize to ``size`` (w, h): whole-factor area averaging, then linear for the rest.
+
+    OpenCV's area resampling is ~5x slower at a fractional ratio (384 -> 160) than at a whole one
+    (384 -> 192); averaging by the whole factor first keeps the anti-aliasing at a fraction of the cost.
+    """
+    h, w = img.shape[:2]
+    if (w, h) == size:
+        return img
+    if size[0] > w:
+        return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
+    k = min(w // size[0], h // size[1])
+    if k < 2:
+        return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+    img = cv2.resize(img, (w // k, h // k), interpolation=cv2.INTER_AREA)
+    if (img.shape[1], img.shape[0]) == size:
+        return img
+    return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)  # the remaining ratio is < 2
+
+
 def gray_at(frame_rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Luma of one RGB frame resized to ``size`` (w, h): area-averaged when shrinking, linear when growing."""
-    gray = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2GRAY)
-    if (gray.shape[1], gray.shape[0]) == size:
-        return gray
-    shrink = size[0] < gray.shape[1]
-    return cv2.resize(gray, size, interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    """Luma of one RGB frame resized to ``size`` (w, h)."""
+    return shrink(cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2GRAY), size)

@@ -20,12 +20,14 @@ from pipeline.scoring._frames import check_frames, gray_at, working_size
 
 REF_SIDE = 256
 WORK_SIDE = 160
-_FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=15, iterations=3, poly_n=5, poly_sigma=1.2)
+_FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=13, iterations=2, poly_n=5, poly_sigma=1.1)
 # Shifts below this (working px) are left to Farneback alone, which tracks them exactly; a sub-pixel
 # global estimate on a static shot with one moving object would only bias every static pixel.
 _SHIFT_MIN_PX = 2.0
 # ...and the shifted frame must match at least this much better than the unshifted one.
 _SHIFT_BETTER = 0.7
+# The flow started from the shift replaces the plain one when its error is at least this much lower.
+_START_BETTER = 0.9
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +52,12 @@ def _explains(prev: np.ndarray, cur: np.ndarray, dx: float, dy: float) -> bool:
     return bool(moved < _SHIFT_BETTER * still)
 
 
+def _residual(prev: np.ndarray, cur: np.ndarray, flow: np.ndarray, grid: np.ndarray, valid: np.ndarray) -> float:
+    """Mean absolute luma error, over ``valid`` pixels, of ``prev`` predicted by sampling ``cur`` along ``flow``."""
+    warped = cv2.remap(cur, grid + flow, None, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    return float(cv2.absdiff(prev, warped)[valid].mean())
+
+
 def motion(frames: np.ndarray, times_s: np.ndarray) -> Motion:
     """Flow speed between consecutive (N, H, W, 3) uint8 RGB frames taken at ``times_s`` (seconds, increasing)."""
     frames = check_frames(frames, "motion")
@@ -69,17 +77,26 @@ def motion(frames: np.ndarray, times_s: np.ndarray) -> Motion:
     to_ref = REF_SIDE / max(size)  # working px -> px at REF_SIDE
     window = cv2.createHanningWindow(size, cv2.CV_32F)
     init = np.zeros((size[1], size[0], 2), np.float32)  # (h, w, 2) starting flow
+    gx, gy = np.meshgrid(np.arange(size[0], dtype=np.float32), np.arange(size[1], dtype=np.float32))
+    grid = np.dstack([gx, gy])                          # (h, w, 2) pixel coordinates for remap
     prev = gray_at(frames[0], size)
     speeds = []
     for frame, dt in zip(frames[1:], dts):
         cur = gray_at(frame, size)
+        flow = cv2.calcOpticalFlowFarneback(prev, cur, None, flags=0, **_FARNEBACK)  # (h, w, 2) px
         # The peak's height is no guide (a true 50 px pan can score ~0): _explains checks the shift instead.
         (dx, dy), _ = cv2.phaseCorrelate(prev.astype(np.float32), cur.astype(np.float32), window)
         if np.hypot(dx, dy) >= _SHIFT_MIN_PX and _explains(prev, cur, dx, dy):
             init[..., 0], init[..., 1] = dx, dy
-            flow = cv2.calcOpticalFlowFarneback(prev, cur, init.copy(), flags=cv2.OPTFLOW_USE_INITIAL_FLOW, **_FARNEBACK)
-        else:
-            flow = cv2.calcOpticalFlowFarneback(prev, cur, None, flags=0, **_FARNEBACK)
+            started = cv2.calcOpticalFlowFarneback(prev, cur, init.copy(), flags=cv2.OPTFLOW_USE_INITIAL_FLOW, **_FARNEBACK)
+            # On repetitive texture a shift by one period matches too: keep the larger motion only when
+            # it explains the pair clearly better than the flow found without it.
+            # Both are judged where the shifted view still overlaps the frame (the strip a pan uncovers
+            # has no counterpart in ``cur``).
+            target = grid + started
+            valid = (target[..., 0] >= 0) & (target[..., 0] <= size[0] - 1) & (target[..., 1] >= 0) & (target[..., 1] <= size[1] - 1)
+            if valid.mean() > 0.25 and _residual(prev, cur, started, grid, valid) < _START_BETTER * _residual(prev, cur, flow, grid, valid):
+                flow = started
         speed = float(np.mean(np.sqrt(flow[..., 0] ** 2 + flow[..., 1] ** 2)))  # working px per pair
         speeds.append(speed * to_ref / dt)
         prev = cur
