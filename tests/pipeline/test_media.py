@@ -507,3 +507,16 @@ def test_decord_failure_falls_back_or_reports(sample_dir, monkeypatch, good_batc
     else:
         with pytest.raises(DecodeError, match="decord failed after 32"):
             _collect(stream)
+
+
+def test_frame_and_rate_limits(sample_dir, monkeypatch):
+    from pipeline import media
+
+    path = sample_dir / "static.mp4"
+    monkeypatch.setattr(media, "MAX_FRAMES", 50)
+    with pytest.raises(UnsupportedSizeError, match="at most 50 frames, got 72"):
+        probe(path)
+    monkeypatch.setattr(media, "MAX_FRAMES", 10_000)
+    monkeypatch.setattr(media, "MAX_FPS", 20.0)
+    with pytest.raises(UnsupportedSizeError, match=r"frame rate in \(0, 20.0\] fps, got 24"):
+        probe(path)
