@@ -216,9 +216,26 @@ def decode_jpg(data: bytes) -> np.ndarray:
         return np.asarray(img.convert("RGB"))[None]
 
 
+def decoded_shape(ext: str, data: bytes) -> tuple[int, int, int]:
+    """(frames, height, width) a decoder gets from a sample; every frame is decoded, none converted to RGB."""
+    if ext == "jpg":
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return 1, img.height, img.width
+    sizes = set()
+    n = 0
+    with av.open(io.BytesIO(data)) as container:
+        for frame in container.decode(video=0):
+            sizes.add((frame.height, frame.width))
+            n += 1
+    if len(sizes) != 1:
+        return n, -1, -1  # no frames, or frames of different sizes: matches no bucket
+    return (n, *sizes.pop())
+
+
 def verify_sample(ext: str, data: bytes, bucket: Bucket) -> None:
     """Decode what was written; raise ``SampleShapeError`` unless it is exactly the bucket's F×H×W."""
-    got = (decode_jpg(data) if ext == "jpg" else decode_mp4(data)).shape[:3]
+    got = decoded_shape(ext, data)
     want = (bucket.frames, bucket.height, bucket.width)
     if got != want:
         raise SampleShapeError(f"{ext} sample decodes to {got[0]}x{got[1]}x{got[2]}, expected bucket {bucket.name}")
