@@ -1,11 +1,13 @@
-"""Focus measure per frame: variance of the Laplacian of contrast-normalised luma at a fixed size.
+"""Focus measure per frame: Laplacian energy over gradient energy of the luma, at a fixed size.
 
-Every frame is resized to a fixed working size (longer side ``WORK_SIDE``) first, so a clip decoded at
-384 px and one decoded at 240 px are measured on the same scale, and its luma is normalised to zero
-mean and unit standard deviation, so a dim or low-contrast shot is not mistaken for a blurred one.
-What remains is the share of the image's variance that sits in the finest detail: a defocused frame
-has almost none. Pure noise scores highest (about 0.7); in-focus footage lands around 0.03-0.3,
-a Gaussian defocus of 2-3 px well below 0.01.
+Every frame is brought to a fixed working grid (longer side ``WORK_SIDE``) with the same band limit
+whatever its input size, so a clip decoded at 384 px and one decoded at 256 px are measured alike.
+The score is ``var(Laplacian) / mean(|gradient|^2)``: the variance of the Laplacian of the luma
+normalised to unit gradient energy. Dividing by the gradient energy removes contrast and brightness,
+and also most of the dependence on how much detail the scene holds, leaving how *steep* the detail
+is: defocus flattens the finest scale first. Measured here: in-focus real footage 0.25-0.95 (a soft
+macro timelapse 0.25), the same footage with a 2 px Gaussian defocus 0.13-0.33 and 3 px 0.09-0.17;
+the built-in sample's sharp clip 0.66 and its defocused twin 0.16; pure noise ~2.4.
 """
 from __future__ import annotations
 
@@ -18,9 +20,9 @@ from pipeline.scoring._frames import check_frames, working_size
 
 WORK_SIDE = 256
 SMOOTH = 1.0  # working-pixel Gaussian that fixes the measured band (see _working_luma)
-# Luma spread (0-255 scale) below which a frame counts as flat: its sensor/codec noise is not
-# promoted to "detail" by dividing by a tiny standard deviation (fades to black, blank title cards).
-MIN_STD = 8.0
+# Mean squared luma gradient ((levels/px)^2) below which a frame counts as flat: its sensor/codec noise
+# is not promoted to "detail" by dividing by a tiny gradient energy (fades to black, blank title cards).
+MIN_GRAD_SQ = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,11 +55,14 @@ def _working_luma(frame_rgb: np.ndarray) -> np.ndarray:
 def frame_sharpness(frame_rgb: np.ndarray) -> float:
     """Focus measure of one (H, W, 3) uint8 RGB frame."""
     gray = _working_luma(frame_rgb)
-    _, std = cv2.meanStdDev(gray)
-    lap = cv2.Laplacian(gray, cv2.CV_32F, ksize=1)
-    # Border pixels see the replicated edge, not the picture.
-    _, lap_std = cv2.meanStdDev(lap[1:-1, 1:-1])
-    return float(lap_std[0, 0] ** 2 / max(float(std[0, 0]), MIN_STD) ** 2)
+    inner = (slice(1, -1), slice(1, -1))  # border pixels see the replicated edge, not the picture
+    lap = cv2.Laplacian(gray, cv2.CV_32F, ksize=1)[inner]
+    # Sobel of a unit ramp is 8: divide so gradients read as luma levels per pixel.
+    gx = cv2.Sobel(gray, cv2.CV_32F, 1, 0, ksize=3)[inner] / 8.0
+    gy = cv2.Sobel(gray, cv2.CV_32F, 0, 1, ksize=3)[inner] / 8.0
+    grad_sq = float(cv2.mean(gx * gx + gy * gy)[0])
+    _, lap_std = cv2.meanStdDev(lap)
+    return float(lap_std[0, 0] ** 2 / max(grad_sq, MIN_GRAD_SQ))
 
 
 def sharpness(frames: np.ndarray) -> Sharpness:

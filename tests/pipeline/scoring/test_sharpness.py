@@ -52,7 +52,7 @@ def test_flat_and_smooth_gradient_frames_score_low_noise_scores_high() -> None:
     textured = sharpness(static(5, n=1)).median
     assert sharpness(flat).median == 0.0
     assert sharpness(gradient).median < 0.05 * textured
-    assert sharpness(noise).median > 10 * textured
+    assert sharpness(noise).median > 3 * textured  # white noise is all finest-scale detail
 
 
 def test_rejects_bad_input() -> None:
