@@ -22,9 +22,12 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.models import MODEL_ID_KEY, save_state_dict_file
+
+if TYPE_CHECKING:
+    from pipeline.models.captioner import CaptionConfig
 
 SEED = 0
 MARKER = "standins.json"
@@ -98,7 +101,7 @@ class Standins:
     captioner: str
     """``save_pretrained`` directory for ``CaptionConfig(model=...)``."""
 
-    def caption_config(self, **overrides: Any):  # -> CaptionConfig (imported lazily: transformers is heavy)
+    def caption_config(self, **overrides: Any) -> CaptionConfig:
         """A ``CaptionConfig`` for the stand-in captioner, small enough for CPU tests."""
         from pipeline.models.captioner import CaptionConfig
 
