@@ -181,12 +181,18 @@ class CaptionStage(ModelStage):
 
         try:
             results = self.model.caption(frames)
-        except CaptionError as err:
-            # The endpoint gave up after its retries: the clips keep their other scores and say why.
-            for rec in recs:
-                rec["reject_reasons"].append(f"caption_failed: {err}"[:300])
-            return
+        except CaptionError:
+            # One clip failed after its retries: caption the batch clip by clip so only that clip loses its caption.
+            results = []
+            for f in frames:
+                try:
+                    results.append(self.model.caption([f])[0])
+                except CaptionError as err:
+                    results.append(err)
         for rec, r in zip(recs, results):
+            if isinstance(r, CaptionError):
+                rec["reject_reasons"].append(f"caption_failed: {r}"[:300])
+                continue
             rec["caption"] = r.caption
             rec["caption_model"] = r.model
             rec["caption_tokens"] = int(r.tokens)
