@@ -51,6 +51,8 @@ def ray_render_many(ray_cfg: RayConfig, started: list[bool]):
     def render_many(clips: Sequence[PlannedClip], cfg: ShardConfig) -> Iterator[RenderResult]:
         import ray
 
+        if not clips:
+            return
         if not ray.is_initialized():
             address = os.environ.get("RAY_ADDRESS", "local")
             ray.init(address=address, log_to_driver=False)

@@ -470,7 +470,8 @@ def build_shards(
     if old is not None and old.get("selection_hash") != digest and not overwrite:
         raise OutputConflictError(
             f"{out_dir} holds shards of another selection ({old.get('where')!r}, {old.get('samples')} samples);"
-            f" expected an empty folder or the same selection. Pass overwrite to replace them."
+            f" expected an empty folder or the same selection. Replace them with overwrite=True"
+            " (jobs.shards --overwrite) or pick another output."
         )
     (out_dir / MANIFEST).unlink(missing_ok=True)  # the old manifest no longer describes the folder
     clean_output(out_dir)
