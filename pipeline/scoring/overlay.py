@@ -5,21 +5,34 @@ frame while the picture under and around it changes. Natural content does not do
 shot its edges move, and on a static shot nothing changes, so there is no evidence either way (a
 fully static shot scores 0 rather than "everything is a logo").
 
-Per pixel, over up to ``MAX_FRAMES`` frames spread across the clip (grayscale, longer side ``WORK_SIDE``):
+Over up to ``MAX_FRAMES`` frames spread across the clip (luma at longer side ``WORK_SIDE``, each frame
+rescaled to a fixed mean and spread so exposure drift and flicker are not "change"), per pixel:
 
-* persistent edge strength ``P = |mean_t g_t|`` of the luma gradient ``g_t``;
-* coherence ``C = |mean_t g_t|^2 / mean_t |g_t|^2``: 1 when the gradient is identical in every frame,
-  about 1/K when it wanders (a translucent logo over moving texture sits in between, hence the low cut);
+* the gradient ``g_t`` of the fine-detail band (luma minus its Gaussian blur): coarse structure stays
+  correlated under a slow pan and would persist, a mark's edges are sharp;
+* persistent edge strength ``P = |mean_t g_t|`` and coherence ``C = |mean_t g_t|^2 / mean_t |g_t|^2``:
+  1 when the gradient is identical in every frame, about 1/K when it wanders (a translucent logo
+  over moving texture sits in between, hence the low cut);
 * change ``T``: temporal standard deviation of the luma.
 
-Candidates are coherent, strong edges with change within a few pixels. The largest connected group of
+Candidates are strong, coherent edges with change within a few pixels. When the camera moves (phase
+correlation finds a global shift), an edge must also be clearly *less* coherent once the frames are
+aligned on the scene: shake and slow pans keep scene edges coherent in both, a mark only in the
+frame. Frame-wide lines (letterbox/pillarbox edges) are removed. The largest connected group of
 candidates is the overlay guess; its score is the product of
 
 * ``ring``: the fraction of a band around the group's box whose content changes (a logo is surrounded
   by changing picture; a static background edge next to one moving object is only partly);
-* ``share``: the group's fraction of all candidates (one compact mark, not scattered coincidences);
-* ``mass``: how many candidate pixels it holds, saturating at a small logo's outline;
+* ``share``: the group's share of all candidate edge strength (one compact mark, not scattered
+  coincidences);
+* ``support``: how many candidate pixels it holds, saturating at a small logo's outline;
+* ``isotropy``: a mark has edges in several directions; stripes a pan slides along (the aperture
+  problem) persist too but share one orientation;
 * ``size``: boxes covering more than a quarter of the frame fade out (that is scenery, not a mark).
+
+Known blind spots: an overlay on a static shot (no evidence by design); on a static camera with one
+moving object, background edges next to the object's path can collect a weak score (real footage
+here: <= 0.3); opaque marks on content that changes only far from them.
 """
 from __future__ import annotations
 
