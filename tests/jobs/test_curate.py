@@ -156,6 +156,13 @@ class _BrightnessVLM(BaseHTTPRequestHandler):
             if part.get("type") == "image_url":
                 b64 = part["image_url"]["url"].split(",", 1)[1]
                 means.append(np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), np.float32).mean())
+        if len(means) == 1:  # the still image: this endpoint refuses it, so one clip of a batch fails
+            err = json.dumps({"error": {"message": "single images are not supported"}}).encode()
+            self.send_response(400)
+            self.send_header("Content-Length", str(len(err)))
+            self.end_headers()
+            self.wfile.write(err)
+            return
         text = f"brightness {np.mean(means):.2f} over {len(means)} frames"
         out = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"],
                           "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
@@ -191,6 +198,10 @@ def test_each_caption_belongs_to_its_clip(tmp_path, ray_local):
     finally:
         server.shutdown()
     clips = pq.read_table(tmp_path / "out" / "clips.parquet").to_pylist()
+    still = [c for c in clips if c["is_image"]]
+    assert len(still) == 1 and still[0]["caption"] is None
+    assert still[0]["reject_reasons"][0].startswith("caption_failed") and "not supported" in still[0]["reject_reasons"][0]
+    clips = [c for c in clips if not c["is_image"]]
     assert len(clips) >= 8 and all(c["caption"] for c in clips)
     # Recompute, outside Ray, what each clip's frames look like.
     expected = {}
@@ -198,7 +209,7 @@ def test_each_caption_belongs_to_its_clip(tmp_path, ray_local):
         res = analyze_video(uri, cfg.decode, cfg.scenecut, cfg.prefilter)
         for c in res.clips:
             expected[c.record["clip_id"]] = float(sample_frames(c.frames, 4).astype(np.float32).mean())
-    assert set(expected) == {c["clip_id"] for c in clips}
+    assert set(expected) == {c["clip_id"] for c in clips} | {still[0]["clip_id"]}
     for c in clips:
         got = float(re.match(r"brightness ([\d.]+)", c["caption"]).group(1))
         nearest = min(expected, key=lambda k: abs(expected[k] - got))
