@@ -28,7 +28,7 @@ class PrefilterConfig:
     final "kept" decision lives; these only decide where model time is spent.
     """
 
-    sharpness_min: float | None = 0.05
+    sharpness_min: float | None = 0.2
     motion_min: float | None = 0.5
     motion_max: float | None = None
     overlay_max: float | None = 0.5
