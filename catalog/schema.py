@@ -51,7 +51,7 @@ CLIPS = pa.schema([
     _f("width", pa.int32(), "display width of the source"),
     _f("height", pa.int32(), "display height of the source"),
     _f("is_image", pa.bool_(), "one-frame clip from a still image"),
-    _f("sharpness_min", pa.float32(), "lowest per-frame focus measure (variance of the Laplacian on normalised luma); low = blurred stretch"),
+    _f("sharpness_min", pa.float32(), "lowest per-frame focus measure: var(Laplacian) / mean squared gradient of luma on a 256 px grid (~0.25-0.95 in focus, < 0.2 blurred); low = a blurred stretch"),
     _f("sharpness_median", pa.float32(), "median per-frame focus measure"),
     _f("motion_mean", pa.float32(), "mean optical-flow speed, pixels per second at 256 px longer side, sampled at ~2 fps; ~0 for a static shot"),
     _f("motion_max", pa.float32(), "largest per-pair mean flow speed (same units as motion_mean)"),
