@@ -97,7 +97,7 @@ def decode_video(data: bytes) -> np.ndarray:
 def decode_image(data: bytes) -> np.ndarray:
     """JPEG/PNG bytes -> (1, H, W, 3) uint8 RGB."""
     with Image.open(io.BytesIO(data)) as im:
-        return np.asarray(im.convert("RGB"))[None]
+        return np.array(im.convert("RGB"))[None]
 
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:

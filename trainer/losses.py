@@ -92,6 +92,12 @@ class VGGPerceptual(nn.Module):
         return dist
 
 
+def vgg16_features() -> nn.Sequential:
+    """torchvision's VGG16 ``features`` without building its 100M-parameter classifier."""
+    vgg = torchvision.models.vgg
+    return vgg.make_layers(vgg.cfgs["D"], batch_norm=False)
+
+
 def load_perceptual(path: str) -> VGGPerceptual | None:
     """VGG16 perceptual loss from a local weights file, or None (and a printed note) when off.
 
@@ -104,7 +110,7 @@ def load_perceptual(path: str) -> VGGPerceptual | None:
     if not p.is_file():
         raise FileNotFoundError(f"loss.perceptual_weights: expected a VGG16 state dict at {p}, file not found")
     state = torch.load(p, map_location="cpu", weights_only=True)
-    features = torchvision.models.vgg16(weights=None).features
+    features = vgg16_features()
     feat_state = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
     features.load_state_dict(feat_state, strict=True)
     print(f"perceptual loss: ON (VGG16 features from {p})")
