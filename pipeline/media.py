@@ -13,6 +13,8 @@ was expected and what came; the pipeline turns those into ``rejects`` rows.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -33,6 +35,10 @@ MAX_FPS = 1000.0
 _DECORD_CONTAINERS = ("mp4", "mov")
 _DECORD_CODECS = ("h264", "hevc")
 _DECORD_BATCH = 32
+
+# Decode-ahead depth of open_frames: at most this many frames and about this many bytes.
+_PREFETCH_FRAMES = 64
+_PREFETCH_BYTES = 64 << 20
 
 # A frame duration more than this far from the median marks the stream as variable frame rate.
 _VFR_TOLERANCE = 0.1
@@ -414,12 +420,18 @@ class FrameStream:
     Each iteration decodes afresh. ``decoder`` names the decoder that produced (or, before
     iterating, will produce) the frames: ``decord``, ``pyav`` or ``pillow``; it turns to ``pyav``
     when decord fails before its first frame.
+
+    With ``prefetch`` on, a background thread decodes ahead while the consumer works on earlier
+    frames: decord and PyAV release the GIL while decoding and scaling, so decode overlaps with
+    scene cutting and scoring on another core.
     """
 
-    def __init__(self, path: Path, info: MediaInfo, *, max_side: int | None, backend: str) -> None:
+    def __init__(self, path: Path, info: MediaInfo, *, max_side: int | None, backend: str,
+                 prefetch: bool = True) -> None:
         self.path = path
         self.info = info
         self.max_side = max_side
+        self.prefetch = prefetch
         self.width, self.height = output_size(info, max_side)
         if info.is_image:
             self.decoder = "pillow"
@@ -432,6 +444,12 @@ class FrameStream:
         return self.info.frames
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        if not self.prefetch or self.info.is_image:
+            return self._decode()
+        depth = max(2, min(_PREFETCH_FRAMES, _PREFETCH_BYTES // (self.width * self.height * 3)))
+        return _prefetched(self._decode(), depth, name=f"decode {self.path.name}")
+
+    def _decode(self) -> Iterator[tuple[int, np.ndarray]]:
         if self.decoder == "pillow":
             yield 0, _read_image(self.path, self.info, self.max_side)
             return
@@ -451,8 +469,57 @@ class FrameStream:
         yield from _iter_pyav(self.path, self.info, self.max_side)
 
 
+class _Raised:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+_END = object()
+
+
+def _prefetched(source: Iterator, depth: int, *, name: str) -> Iterator:
+    """Run ``source`` in a daemon thread, ``depth`` items ahead; errors re-raise in order."""
+    items: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in source:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            put(_Raised(e))
+        finally:
+            source.close()
+
+    worker = threading.Thread(target=work, name=name, daemon=True)
+    worker.start()
+    try:
+        while True:
+            item = items.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.error
+            yield item
+    finally:
+        # The consumer stopped early (or finished): let the worker see it and close the decoder.
+        stop.set()
+        worker.join()
+
+
 def open_frames(path: str | Path, info: MediaInfo, *, max_side: int | None = None,
-                backend: str = "auto") -> FrameStream:
+                backend: str = "auto", prefetch: bool = True) -> FrameStream:
     """Stream every frame in display orientation, downscaled inside the decoder.
 
     Args:
@@ -460,6 +527,7 @@ def open_frames(path: str | Path, info: MediaInfo, *, max_side: int | None = Non
         info: ``probe(path)``.
         max_side: longer side of the output; None keeps the display size.
         backend: ``auto`` (decord for plain CFR MP4/MOV H.264/HEVC, PyAV otherwise), ``decord`` or ``pyav``.
+        prefetch: decode ahead in a background thread (overlaps decoding with the consumer's work).
 
     Iterating raises ``DecodeError`` when the frames do not decode or their count differs from
     ``info.frames``.
@@ -472,7 +540,7 @@ def open_frames(path: str | Path, info: MediaInfo, *, max_side: int | None = Non
             f"{'/'.join(_DECORD_CODECS)} video for the decord backend, got {info.container}/{info.codec} "
             f"(rotation {info.rotation}, sample aspect {info.sample_aspect:.3g}, variable fps "
             f"{info.fps_variable}): {path}")
-    return FrameStream(Path(path), info, max_side=max_side, backend=backend)
+    return FrameStream(Path(path), info, max_side=max_side, backend=backend, prefetch=prefetch)
 
 
 def _read_image(path: Path, info: MediaInfo, max_side: int | None) -> np.ndarray:

@@ -520,3 +520,24 @@ def test_frame_and_rate_limits(sample_dir, monkeypatch):
     monkeypatch.setattr(media, "MAX_FPS", 20.0)
     with pytest.raises(UnsupportedSizeError, match=r"frame rate in \(0, 20.0\] fps, got 24"):
         probe(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# decode-ahead thread
+
+
+def test_prefetch_gives_the_same_frames_and_cleans_up(sample_dir, media_dir):
+    import threading
+
+    for path in (sample_dir / "cuts.mp4", media_dir / "stream-of-water.webm"):
+        info = probe(path)
+        ahead = _collect(open_frames(path, info, max_side=96))
+        inline = _collect(open_frames(path, info, max_side=96, prefetch=False))
+        np.testing.assert_array_equal(ahead, inline)
+
+        before = threading.active_count()
+        stream = iter(open_frames(path, info, max_side=96))
+        first = [next(stream) for _ in range(3)]
+        assert [i for i, _ in first] == [0, 1, 2]
+        stream.close()  # a consumer that stops early must not leave a decoder thread behind
+        assert threading.active_count() == before
