@@ -15,6 +15,8 @@ Layout of a catalog file (what a user sees with ``SHOW TABLES``; ``FROM column_d
 Threshold policy: a NULL value (or a missing row) switches a threshold off. A NULL score fails a threshold that is
 on (clips prefiltered at curation time have no model scores). Motion, overlay and duration thresholds do not apply
 to still images (``is_image``): an image has no motion, no content change to tell an overlay from, no length.
+Aesthetic, watermark and caption-similarity thresholds do not apply to clips of runs that used tiny random stand-in
+models (``runs.standin_models``): their scores are meaningless, as jobs.curate says; curation applies the same rule.
 
 Registration is keyed by ``run_id``: registering a run folder replaces that run's rows with the folder's
 current content in one transaction, and registering an unchanged folder again writes nothing at all.
@@ -54,6 +56,8 @@ DEFAULT_FILENAME = "catalog.duckdb"
 REGISTERED_AT_DOC = "when this row was copied into the catalog"
 IS_CURRENT_DOC = ("true for the rows of the latest run of this video (the run that started last); the videos and "
                   "clips views show exactly these rows")
+STANDIN_DOC = ("runs.standin_models of the run that scored this row: its model scores (aesthetic, watermark, caption "
+               "similarity) come from tiny random stand-ins, so thresholds on them are not applied to it")
 # History tables where the latest run of a video supersedes its older rows.
 CURRENT_TABLES = ("videos_history", "clips_history")
 
@@ -70,9 +74,10 @@ class ThresholdRule:
     name: str
     column: str
     op: str  # ">=" (value is a minimum) or "<=" (value is a maximum)
-    default: float
+    default: float | None  # None: off until a user sets it
     doc: str
     temporal: bool = False  # meaningless for a still image: not applied to is_image clips
+    model: bool = False  # a neural model's score: not applied to clips scored by stand-ins (runs.standin_models)
 
     def __post_init__(self) -> None:
         assert self.op in (">=", "<="), f"op must be '>=' or '<=', got {self.op!r}"
@@ -81,18 +86,19 @@ class ThresholdRule:
 
 THRESHOLD_RULES: tuple[ThresholdRule, ...] = (
     ThresholdRule(
-        "sharpness_min", "sharpness_median", ">=", 0.0015,
-        "lowest clips.sharpness_median kept (variance of the Laplacian on luma in [0,1]; ~0.0015 is the "
-        "classic 100-on-0..255 blur cut)",
+        "sharpness_min", "sharpness_median", ">=", 0.05,
+        "lowest clips.sharpness_median kept (focus measure of pipeline.scoring.sharpness; 0.05 is also curation's "
+        "[prefilter] cut, which drops blurred clips before the model stages)",
     ),
     ThresholdRule(
-        "motion_min", "motion_mean", ">=", 1.0,
+        "motion_min", "motion_mean", ">=", 0.5,
         "lowest clips.motion_mean kept, px/s at 256 px (drops static shots and slideshows); not applied to images",
         temporal=True,
     ),
     ThresholdRule(
-        "motion_max", "motion_mean", "<=", 150.0,
-        "highest clips.motion_mean kept, px/s at 256 px (drops whip pans and shaky footage); not applied to images",
+        "motion_max", "motion_mean", "<=", None,
+        "highest clips.motion_mean kept, px/s at 256 px (drops whip pans and shaky footage); off by default: set it "
+        "from the motion_mean histogram of the report; not applied to images",
         temporal=True,
     ),
     ThresholdRule(
@@ -103,15 +109,21 @@ THRESHOLD_RULES: tuple[ThresholdRule, ...] = (
     ),
     ThresholdRule(
         "watermark_max", "watermark_prob", "<=", 0.8,
-        "highest clips.watermark_prob kept (LAION watermark classifier; 0.5-0.8 in use, 0.8 the common choice)",
+        "highest clips.watermark_prob kept (LAION watermark classifier; 0.5-0.8 in use, 0.8 the common choice); "
+        "not applied to runs with stand-in models",
+        model=True,
     ),
     ThresholdRule(
         "aesthetic_min", "aesthetic_mean", ">=", 4.5,
-        "lowest clips.aesthetic_mean kept (LAION aesthetic, ~1-10; 4.5-5.0 typical, 5.5 fair, 6.5 high)",
+        "lowest clips.aesthetic_mean kept (LAION aesthetic, ~1-10; 4.5-5.0 typical, 5.5 fair, 6.5 high); not applied to "
+        "runs with stand-in models",
+        model=True,
     ),
     ThresholdRule(
         "caption_similarity_min", "caption_similarity", ">=", 0.2,
-        "lowest CLIP cosine similarity between caption and frames kept (catches captions about something else)",
+        "lowest CLIP cosine similarity between caption and frames kept (catches captions about something else); "
+        "not applied to runs with stand-in models",
+        model=True,
     ),
     ThresholdRule(
         "duration_min", "duration", ">=", 2.0,
@@ -199,6 +211,8 @@ def _extra_columns(table: str) -> list[tuple[str, str, str]]:
     extra = [("registered_at", "TIMESTAMPTZ", REGISTERED_AT_DOC)]
     if table in CURRENT_TABLES:
         extra.append(("is_current", "BOOLEAN", IS_CURRENT_DOC))
+    if table == "clips_history":
+        extra.append(("standin_models", "BOOLEAN", STANDIN_DOC))
     return extra
 
 
@@ -258,18 +272,34 @@ def _ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
+def _applicable(rule: ThresholdRule, *, image: bool, standin: bool) -> bool:
+    return not (image and rule.temporal) and not (standin and rule.model)
+
+
 def _view_sql() -> dict[str, str]:
     """The user-facing views, in creation order."""
     videos_cols = ", ".join(f"v.{n}" for n in schema.VIDEOS.names)
     clips_cols = ", ".join(f"c.{n}" for n in schema.CLIPS.names)
+    is_image = "coalesce(c.is_image, false)"
+    standin = "coalesce(c.standin_models, false)"
 
     def fails(r: ThresholdRule) -> str:
-        image_exempt = "NOT coalesce(c.is_image, false) AND " if r.temporal else ""
-        return f"CASE WHEN {image_exempt}NOT ({_rule_passes_sql(r)}) THEN '{r.name}' END"
+        exempt = ([f"NOT {is_image}"] if r.temporal else []) + ([f"NOT {standin}"] if r.model else [])
+        return f"CASE WHEN {' AND '.join([*exempt, f'NOT ({_rule_passes_sql(r)})'])} THEN '{r.name}' END"
 
     fail_list = ",\n            ".join(fails(r) for r in THRESHOLD_RULES)
-    video_tests = "\n              AND ".join(_rule_passes_sql(r) for r in THRESHOLD_RULES)
-    image_tests = "\n              AND ".join(_rule_passes_sql(r) for r in THRESHOLD_RULES if not r.temporal)
+    # One branch per (image, stand-in) combination, so each is a plain AND of the comparisons that apply: DuckDB
+    # runs that several times faster than one predicate full of ORs (bench/catalog_query.py).
+    branches = []
+    for image in (False, True):
+        for stand in (False, True):
+            tests = [_rule_passes_sql(r) for r in THRESHOLD_RULES if _applicable(r, image=image, standin=stand)]
+            branches.append(f"""
+            SELECT {clips_cols} FROM clips_history c CROSS JOIN {_thresholds_row_sql()} t
+            WHERE c.is_current AND len(c.reject_reasons) = 0
+              AND {is_image} = {str(image).lower()} AND {standin} = {str(stand).lower()}
+              AND """ + "\n              AND ".join(tests or ["true"]))
+    kept_sql = "\n            UNION ALL".join(branches)
     return {
         "videos": f"""
             CREATE OR REPLACE VIEW videos AS
@@ -279,27 +309,20 @@ def _view_sql() -> dict[str, str]:
             SELECT {clips_cols} FROM clips_history c WHERE c.is_current""",
         "clip_verdicts": f"""
             CREATE OR REPLACE VIEW clip_verdicts AS
-            SELECT c.clip_id, c.video_id, c.run_id, c.is_image, c.reject_reasons,
+            SELECT c.clip_id, c.video_id, c.run_id, c.is_image, {standin} AS standin_models, c.reject_reasons,
                    list_filter([
             {fail_list}
                    ], x -> x IS NOT NULL) AS failed_thresholds,
                    len(c.reject_reasons) = 0 AND len(failed_thresholds) = 0 AS kept
-            FROM clips c CROSS JOIN {_thresholds_row_sql()} t""",
+            FROM clips_history c CROSS JOIN {_thresholds_row_sql()} t
+            WHERE c.is_current""",
         "column_docs": """
             CREATE OR REPLACE VIEW column_docs AS
             SELECT table_name, column_name, data_type, comment FROM duckdb_columns()
             WHERE database_name = current_database() AND schema_name = 'main' AND NOT starts_with(table_name, '_')
             ORDER BY table_name, column_index""",
-        # Two branches so each is a plain AND of comparisons (fast); temporal rules do not apply to images.
         "kept_clips": f"""
-            CREATE OR REPLACE VIEW kept_clips AS
-            SELECT c.* FROM clips c CROSS JOIN {_thresholds_row_sql()} t
-            WHERE len(c.reject_reasons) = 0 AND NOT coalesce(c.is_image, false)
-              AND {video_tests}
-            UNION ALL
-            SELECT c.* FROM clips c CROSS JOIN {_thresholds_row_sql()} t
-            WHERE len(c.reject_reasons) = 0 AND c.is_image
-              AND {image_tests}""",
+            CREATE OR REPLACE VIEW kept_clips AS{kept_sql}""",
     }
 
 
@@ -311,6 +334,7 @@ def _view_columns_docs() -> dict[str, dict[str, str]]:
         "kept_clips": clips_docs,
         "clip_verdicts": {
             **{k: clips_docs[k] for k in ("clip_id", "video_id", "run_id", "is_image", "reject_reasons")},
+            "standin_models": STANDIN_DOC,
             "failed_thresholds": "names of the thresholds rows this clip fails now (see thresholds.comment)",
             "kept": "true when the clip is in kept_clips",
         },
@@ -493,10 +517,15 @@ def _replace_run_rows(con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Table
             base = BASE_TABLES[key]
             cols = ", ".join(f"i.{n}" for n in schema.TABLES[key].names)
             names = ", ".join(schema.TABLES[key].names)
+            extra_names, extra_sql, join = "", "", ""
+            if key == "clips":
+                extra_names, extra_sql = ", standin_models", ", coalesce(s.standin, false)"
+                join = ("LEFT JOIN (SELECT run_id, bool_or(standin_models) AS standin FROM runs GROUP BY run_id) s "
+                        "ON s.run_id = i.run_id")
             con.execute(f"""
-                INSERT INTO {base} ({names}, registered_at, is_current)
-                SELECT {cols}, ?, coalesce(i.run_id = l.run_id, false)
-                FROM _in_{key} i LEFT JOIN _latest l USING (video_id)""", [now])
+                INSERT INTO {base} ({names}, registered_at, is_current{extra_names})
+                SELECT {cols}, ?, coalesce(i.run_id = l.run_id, false){extra_sql}
+                FROM _in_{key} i LEFT JOIN _latest l USING (video_id) {join}""", [now])
             # Older rows of the same videos: only those whose verdict flips are written.
             con.execute(f"""
                 UPDATE {base} h SET is_current = (h.run_id = l.run_id)

@@ -375,6 +375,8 @@ def render(con: duckdb.DuckDBPyConnection, db_label: str, opts: ReportOptions) -
         ("clips (current)", _scalar(con, "SELECT count(*) FROM clips")),
         ("clips with no curation reject reason", _scalar(con, "SELECT count(*) FROM clips WHERE len(reject_reasons) = 0")),
         ("kept_clips (pass every threshold)", _scalar(con, "SELECT count(*) FROM kept_clips")),
+        ("clips scored by stand-in models (model thresholds not applied)",
+         _scalar(con, "SELECT count(*) FROM clip_verdicts WHERE standin_models")),
         ("clips in shards", _scalar(con, "SELECT count(DISTINCT clip_id) FROM shard_samples")),
     ]
     out.append("<h2>Counts per stage</h2>")

@@ -35,7 +35,7 @@ def video_row(vid: str, run_id: str, *, uri: str, width: int = 640, height: int 
 
 def clip_row(vid: str, run_id: str, *, start: int = 0, end: int = 100, fps: float = 25.0, width: int = 640,
              height: int = 360, is_image: bool = False, aesthetic: float | None = 5.2,
-             watermark: float | None = 0.1, motion: float | None = 12.0, sharpness: float | None = 0.004,
+             watermark: float | None = 0.1, motion: float | None = 12.0, sharpness: float | None = 0.12,
              overlay: float | None = 0.05, similarity: float | None = 0.3, caption: str | None = "a dog runs",
              reasons: tuple[str, ...] = ()) -> dict:
     frames = 1 if is_image else end - start
@@ -58,12 +58,12 @@ def clip_row(vid: str, run_id: str, *, start: int = 0, end: int = 100, fps: floa
 
 
 def run_row(run_id: str, started: datetime, *, input_dir: str = "/data/raw", output: str = "/data/out",
-            counts: dict | None = None) -> dict:
+            counts: dict | None = None, standin_models: bool = False) -> dict:
     return {
         "run_id": run_id, "started_at": started, "finished_at": started + timedelta(seconds=42),
         "wall_seconds": 42.0, "input": input_dir, "output": output, "config": json.dumps({"scenecut": {}}),
         "package_versions": json.dumps({"duckdb": "1.5"}), "counts": json.dumps(counts or {"inputs": 3}),
-        "standin_models": True,
+        "standin_models": standin_models,
     }
 
 

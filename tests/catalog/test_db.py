@@ -147,10 +147,29 @@ def test_null_scores_fail_and_images_skip_temporal_thresholds(tmp_path: Path, ro
     assert verdicts[f"{vid}:0-100"] == ["aesthetic_min"]
     assert verdicts[f"{img}:0-1"] == []  # duration 0 and no motion, but an image has no time to judge
     set_threshold(con, "motion_min", 50.0)
-    set_threshold(con, "sharpness_min", 0.01)
+    set_threshold(con, "sharpness_min", 0.2)
     verdicts = dict(con.execute("SELECT clip_id, failed_thresholds FROM clip_verdicts").fetchall())
     assert verdicts[f"{img}:0-1"] == ["sharpness_min"]  # sharpness applies to images, motion does not
     assert verdicts[f"{vid}:0-100"] == ["sharpness_min", "motion_min", "aesthetic_min"]
+
+
+def test_model_thresholds_skip_standin_runs(tmp_path: Path, rows) -> None:
+    """Random stand-in models give meaningless scores: their runs are judged on the cheap scores only."""
+    vid = rows.video_id_for("s.mp4")
+    run = "runS000000000000"
+    folder = rows.write_run_folder(
+        tmp_path / "out", videos=[rows.video_row(vid, run, uri="/raw/s.mp4")],
+        clips=[rows.clip_row(vid, run, aesthetic=0.15, watermark=0.5, similarity=-0.01),
+               rows.clip_row(vid, run, start=100, end=200, aesthetic=0.15, motion=0.1)],
+        rejects=[], runs=[rows.run_row(run, rows.T0, standin_models=True)],
+    )
+    db = tmp_path / "c.duckdb"
+    register_run(db, folder)
+    con = open_catalog(db)
+    verdicts = dict(con.execute("SELECT clip_id, failed_thresholds FROM clip_verdicts").fetchall())
+    assert verdicts == {f"{vid}:0-100": [], f"{vid}:100-200": ["motion_min"]}
+    assert con.execute("SELECT clip_id FROM kept_clips").fetchall() == [(f"{vid}:0-100",)]
+    assert con.execute("SELECT bool_and(standin_models) FROM clip_verdicts").fetchone() == (True,)
 
 
 def test_clip_verdicts_agree_with_kept_clips(registered: Path) -> None:
@@ -167,6 +186,7 @@ def test_thresholds_have_defaults_and_unknown_names_raise(tmp_path: Path) -> Non
     con = open_catalog(tmp_path / "c.duckdb")
     values = thresholds(con)
     assert values["aesthetic_min"] == 4.5 and values["duration_min"] == 2.0 and values["duration_max"] == 10.0
+    assert values["motion_max"] is None  # off until a user picks it from the histogram
     assert 0.5 <= values["watermark_max"] <= 0.8
     with pytest.raises(KeyError, match="aesthetic_min"):
         set_threshold(con, "aesthetics_min", 5.0)
