@@ -98,7 +98,7 @@ def clip_row(video: dict, start: int, end: int, *, aesthetic: float, caption: st
         "start_s": 0.0 if is_image else start / fps, "end_s": 0.0 if is_image else end / fps,
         "frames": end - start, "duration": 0.0 if is_image else (end - start) / fps, "fps": fps,
         "width": video["display_width"], "height": video["display_height"], "is_image": is_image,
-        "sharpness_min": 0.01, "sharpness_median": 0.02, "motion_mean": None if is_image else 3.0,
+        "sharpness_min": 0.5, "sharpness_median": 0.6, "motion_mean": None if is_image else 3.0,
         "motion_max": None if is_image else 5.0, "overlay_score": 0.0, "overlay_box": None,
         "watermark_prob": 0.05, "watermark_max": 0.1, "aesthetic_mean": aesthetic, "aesthetic_min": aesthetic - 0.5,
         "caption": caption, "caption_model": "test", "caption_tokens": 4, "caption_latency_s": 0.1,
