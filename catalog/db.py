@@ -143,23 +143,41 @@ def _sentinel(rule: ThresholdRule) -> str:
 
 
 def _rule_passes_sql(rule: ThresholdRule, t: str = "t", c: str = "c") -> str:
-    """SQL boolean, never NULL: the clip passes ``rule`` (temporal rules: for a clip that is not an image).
+    """SQL boolean, never NULL: the clip passes ``rule``.
 
-    ``t.<name>`` is the effective threshold from :func:`_thresholds_row_sql`: the row's value, or the sentinel when
-    the value is NULL (threshold off). A NULL score becomes the opposite extreme, so it fails any threshold that is
-    on (clips prefiltered at curation time have no model scores and must not pass on them) and passes one that is
-    off. Written without OR: DuckDB evaluates these column-vs-column comparisons several times faster than the
-    equivalent ``value IS NULL OR score >= value`` form (bench/catalog_query.py).
+    ``t.<name>`` is the effective limit from :func:`_thresholds_rows_sql`: the row's value, or the sentinel when the
+    threshold is off or does not apply to this kind of clip. A NULL score is compared as the sentinel too, so it
+    fails every finite limit (clips prefiltered at curation time have no model scores and must not pass on them)
+    and passes a threshold that is off or does not apply.
     """
     return f"coalesce({c}.{rule.column}::DOUBLE, {_sentinel(rule)}) {rule.op} {t}.{rule.name}"
 
 
-def _thresholds_row_sql() -> str:
-    """One row, one column per threshold (its sentinel when off), read from the thresholds table at query time."""
-    cols = ",\n        ".join(
-        f"coalesce(max(value) FILTER (WHERE name = '{r.name}'), {_sentinel(r)}) AS {r.name}" for r in THRESHOLD_RULES
-    )
-    return f"(SELECT\n        {cols}\n    FROM thresholds)"
+def _applicable(rule: ThresholdRule, *, image: bool, standin: bool) -> bool:
+    return not (image and rule.temporal) and not (standin and rule.model)
+
+
+def _thresholds_rows_sql() -> str:
+    """Four rows keyed by (k_image, k_standin), one column per threshold, read from the thresholds table at query time.
+
+    Each column holds the effective limit for clips of that kind: the row's value, or the rule's sentinel when the
+    value is NULL (off) or the rule does not apply to that kind of clip (temporal rules and images, model-score
+    rules and stand-in runs). Joining clips on the two keys turns every exemption into data, so the filter is a
+    plain AND of comparisons, which DuckDB runs several times faster than one full of ORs (bench/catalog_query.py).
+    """
+    selects = []
+    for image in (False, True):
+        for standin in (False, True):
+            cols = [f"{str(image).lower()} AS k_image", f"{str(standin).lower()} AS k_standin"]
+            for r in THRESHOLD_RULES:
+                value = (f"coalesce(max(value) FILTER (WHERE name = '{r.name}'), {_sentinel(r)})"
+                         if _applicable(r, image=image, standin=standin) else _sentinel(r))
+                cols.append(f"{value} AS {r.name}")
+            selects.append("SELECT " + ", ".join(cols) + " FROM thresholds")
+    return "(" + "\n        UNION ALL ".join(selects) + ")"
+
+
+_KEYED_JOIN = ("coalesce(c.is_image, false) = t.k_image AND coalesce(c.standin_models, false) = t.k_standin")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -272,34 +290,14 @@ def _ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
     )
 
 
-def _applicable(rule: ThresholdRule, *, image: bool, standin: bool) -> bool:
-    return not (image and rule.temporal) and not (standin and rule.model)
-
-
 def _view_sql() -> dict[str, str]:
     """The user-facing views, in creation order."""
     videos_cols = ", ".join(f"v.{n}" for n in schema.VIDEOS.names)
     clips_cols = ", ".join(f"c.{n}" for n in schema.CLIPS.names)
-    is_image = "coalesce(c.is_image, false)"
-    standin = "coalesce(c.standin_models, false)"
-
-    def fails(r: ThresholdRule) -> str:
-        exempt = ([f"NOT {is_image}"] if r.temporal else []) + ([f"NOT {standin}"] if r.model else [])
-        return f"CASE WHEN {' AND '.join([*exempt, f'NOT ({_rule_passes_sql(r)})'])} THEN '{r.name}' END"
-
-    fail_list = ",\n            ".join(fails(r) for r in THRESHOLD_RULES)
-    # One branch per (image, stand-in) combination, so each is a plain AND of the comparisons that apply: DuckDB
-    # runs that several times faster than one predicate full of ORs (bench/catalog_query.py).
-    branches = []
-    for image in (False, True):
-        for stand in (False, True):
-            tests = [_rule_passes_sql(r) for r in THRESHOLD_RULES if _applicable(r, image=image, standin=stand)]
-            branches.append(f"""
-            SELECT {clips_cols} FROM clips_history c CROSS JOIN {_thresholds_row_sql()} t
-            WHERE c.is_current AND len(c.reject_reasons) = 0
-              AND {is_image} = {str(image).lower()} AND {standin} = {str(stand).lower()}
-              AND """ + "\n              AND ".join(tests or ["true"]))
-    kept_sql = "\n            UNION ALL".join(branches)
+    fail_list = ",\n                ".join(
+        f"CASE WHEN NOT ({_rule_passes_sql(r)}) THEN '{r.name}' END" for r in THRESHOLD_RULES
+    )
+    passes_all = "\n              AND ".join(_rule_passes_sql(r) for r in THRESHOLD_RULES)
     return {
         "videos": f"""
             CREATE OR REPLACE VIEW videos AS
@@ -309,12 +307,13 @@ def _view_sql() -> dict[str, str]:
             SELECT {clips_cols} FROM clips_history c WHERE c.is_current""",
         "clip_verdicts": f"""
             CREATE OR REPLACE VIEW clip_verdicts AS
-            SELECT c.clip_id, c.video_id, c.run_id, c.is_image, {standin} AS standin_models, c.reject_reasons,
+            SELECT c.clip_id, c.video_id, c.run_id, c.is_image, coalesce(c.standin_models, false) AS standin_models,
+                   c.reject_reasons,
                    list_filter([
-            {fail_list}
+                {fail_list}
                    ], x -> x IS NOT NULL) AS failed_thresholds,
                    len(c.reject_reasons) = 0 AND len(failed_thresholds) = 0 AS kept
-            FROM clips_history c CROSS JOIN {_thresholds_row_sql()} t
+            FROM clips_history c JOIN {_thresholds_rows_sql()} t ON {_KEYED_JOIN}
             WHERE c.is_current""",
         "column_docs": """
             CREATE OR REPLACE VIEW column_docs AS
@@ -322,7 +321,10 @@ def _view_sql() -> dict[str, str]:
             WHERE database_name = current_database() AND schema_name = 'main' AND NOT starts_with(table_name, '_')
             ORDER BY table_name, column_index""",
         "kept_clips": f"""
-            CREATE OR REPLACE VIEW kept_clips AS{kept_sql}""",
+            CREATE OR REPLACE VIEW kept_clips AS
+            SELECT {clips_cols} FROM clips_history c JOIN {_thresholds_rows_sql()} t ON {_KEYED_JOIN}
+            WHERE c.is_current AND len(c.reject_reasons) = 0
+              AND {passes_all}""",
     }
 
 

@@ -416,7 +416,14 @@ def render(con: duckdb.DuckDBPyConnection, db_label: str, opts: ReportOptions) -
     # Histograms.
     out.append("<h2>Score histograms</h2><p class='note'>Green bars pass the thresholds marked on the score, red "
                "bars fail them. Clips with curation reject reasons are included; images are left out of motion, "
-               "overlay and duration, which do not apply to them.</p><div class='hists'>")
+               "overlay and duration, which do not apply to them.</p>")
+    n_standin = _scalar(con, "SELECT count(*) FROM clip_verdicts WHERE standin_models")
+    if n_standin:
+        models = ", ".join(r.column for r in db.THRESHOLD_RULES if r.model)
+        out.append(f"<p class='note'><b>{n_standin:,} clips were scored by tiny random stand-in models</b>: their "
+                   f"{_e(models)} are meaningless and the thresholds on them are not applied to these clips, "
+                   "whatever the colour of their bars.</p>")
+    out.append("<div class='hists'>")
     temporal_cols = {r.column for r in db.THRESHOLD_RULES if r.temporal}
     for col in SCORE_COLUMNS:
         where = "WHERE NOT coalesce(is_image, false)" if col in temporal_cols else ""
