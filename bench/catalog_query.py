@@ -142,22 +142,29 @@ def main() -> None:
     ap.add_argument("--clips-per-video", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--keep", type=Path, default=None,
+                    help="keep the built catalog at this path and reuse it next time (skips the build)")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
-        t0 = time.perf_counter()
-        tables = synthetic_run(args.clips, args.clips_per_video, "bench000000000001", np.random.default_rng(0))
-        run_dir = work / "out"
-        run_dir.mkdir()
-        for name, table in tables.items():
-            pq.write_table(table, run_dir / f"{name}.parquet")
-        t1 = time.perf_counter()
-        db_path = work / "catalog.duckdb"
-        db.register_run(db_path, run_dir)
-        t2 = time.perf_counter()
-        print(f"clips={args.clips} build_seconds={t1 - t0:.2f} register_seconds={t2 - t1:.2f} "
-              f"catalog_mb={db_path.stat().st_size / 1e6:.1f}")
+        db_path = args.keep or work / "catalog.duckdb"
+        if not db_path.is_file():
+            t0 = time.perf_counter()
+            tables = synthetic_run(args.clips, args.clips_per_video, "bench000000000001", np.random.default_rng(0))
+            run_dir = work / "out"
+            run_dir.mkdir()
+            for name, table in tables.items():
+                pq.write_table(table, run_dir / f"{name}.parquet")
+            del tables
+            t1 = time.perf_counter()
+            db.register_run(db_path, run_dir)
+            t2 = time.perf_counter()
+            print(f"build_seconds={t1 - t0:.2f} register_seconds={t2 - t1:.2f}")
+        con = duckdb.connect(str(db_path), read_only=True)
+        n_clips = con.execute("SELECT count(*) FROM clips").fetchone()[0]
+        con.close()
+        print(f"clips={n_clips} catalog_mb={db_path.stat().st_size / 1e6:.1f}")
 
         cli_times, cli_cpu = [], []
         for _ in range(args.repeat):
