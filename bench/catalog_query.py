@@ -80,7 +80,8 @@ def synthetic_run(n_clips: int, clips_per_video: int, run_id: str, rng: np.rando
     vid_col = vids[video_of]
     clip_ids = np.char.add(np.char.add(vid_col, ":"), np.char.add(np.char.add(start.astype(str), "-"),
                                                                     (start + frames).astype(str)))
-    captions = np.where(prefiltered, None, np.array(["a red car drives along a coastal road at sunset"] * n, dtype=object))
+    caption = "a red car drives along a coastal road at sunset"
+    captions = np.where(prefiltered, None, np.array([caption] * n, dtype=object))
     three = pa.array(np.tile(np.arange(3), n))
     models_keys = pa.array(["aesthetic", "watermark", "caption"]).take(three)
     models_vals = pa.array(["laion-aesthetic-l14", "laion-watermark-b3a", "qwen2-vl-2b"]).take(three)
@@ -114,7 +115,8 @@ def synthetic_run(n_clips: int, clips_per_video: int, run_id: str, rng: np.rando
         "container": pa.array(np.where(is_image_video, "image/jpeg", "mp4")),
         "codec": pa.array(np.where(is_image_video, "mjpeg", "h264")),
         "width": pa.array(res[:, 0], pa.int32()), "height": pa.array(res[:, 1], pa.int32()),
-        "rotation": pa.array(np.zeros(n_videos), pa.int16()), "sample_aspect": pa.array(np.ones(n_videos), pa.float32()),
+        "rotation": pa.array(np.zeros(n_videos), pa.int16()),
+        "sample_aspect": pa.array(np.ones(n_videos), pa.float32()),
         "display_width": pa.array(res[:, 0], pa.int32()), "display_height": pa.array(res[:, 1], pa.int32()),
         "display_aspect": pa.array(res[:, 0] / res[:, 1], pa.float32()), "fps": pa.array(fps),
         "fps_variable": pa.array(np.zeros(n_videos, bool)), "frames": pa.array(np.full(n_videos, 5000), pa.int64()),
@@ -122,7 +124,8 @@ def synthetic_run(n_clips: int, clips_per_video: int, run_id: str, rng: np.rando
         "is_image": pa.array(is_image_video), "decoder": pa.array(np.full(n_videos, "pyav")),
         "probe_seconds": pa.array(np.full(n_videos, 0.01)), "cut_frames": pa.nulls(n_videos, pa.list_(pa.int64())),
         "cut_detector": pa.array(np.full(n_videos, "adaptive(3.0)")),
-        "num_clips": pa.array(np.full(n_videos, clips_per_video), pa.int32()), "run_id": pa.array(np.full(n_videos, run_id)),
+        "num_clips": pa.array(np.full(n_videos, clips_per_video), pa.int32()),
+        "run_id": pa.array(np.full(n_videos, run_id)),
     }
     now = datetime.now(UTC)
     runs = [{"run_id": run_id, "started_at": now, "finished_at": now, "wall_seconds": 3600.0, "input": "s3://raw",

@@ -115,8 +115,8 @@ THRESHOLD_RULES: tuple[ThresholdRule, ...] = (
     ),
     ThresholdRule(
         "aesthetic_min", "aesthetic_mean", ">=", 4.5,
-        "lowest clips.aesthetic_mean kept (LAION aesthetic, ~1-10; 4.5-5.0 typical, 5.5 fair, 6.5 high); not applied to "
-        "runs with stand-in models",
+        "lowest clips.aesthetic_mean kept (LAION aesthetic, ~1-10; 4.5-5.0 typical, 5.5 fair, 6.5 high); "
+        "not applied to runs with stand-in models",
         model=True,
     ),
     ThresholdRule(
@@ -254,7 +254,8 @@ TABLE_DOCS: dict[str, str] = {
     "clip_verdicts": "per clip: curation reject_reasons, the thresholds it fails now, and whether it is kept",
     "kept_clips": "clips with no curation reject_reasons that pass every threshold in the thresholds table",
     "column_docs": "what every column of every table and view means: start here",
-    "_registrations": "run folders registered and the fingerprint of their Parquet files (makes re-registration a no-op)",
+    "_registrations": "run folders registered and the fingerprint of their Parquet files "
+                      "(makes re-registration a no-op)",
 }
 
 

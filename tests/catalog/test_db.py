@@ -89,8 +89,8 @@ def test_order_is_by_run_start_not_registration_order(tmp_path: Path, two_runs: 
 
 
 def test_resumed_run_replaces_its_rows_without_duplicates(tmp_path: Path, rows) -> None:
-    video_id_for, video_row, clip_row, run_row, T0 = rows.video_id_for, rows.video_row, rows.clip_row, rows.run_row, rows.T0
-    write_run_folder = rows.write_run_folder
+    video_id_for, video_row, clip_row, run_row = rows.video_id_for, rows.video_row, rows.clip_row, rows.run_row
+    write_run_folder, T0 = rows.write_run_folder, rows.T0
     vid = video_id_for("long.mp4")
     run = "runR000000000000"
     folder = tmp_path / "out"
@@ -129,8 +129,8 @@ def test_kept_clips_follows_threshold_rows(registered: Path, two_runs: dict) -> 
 
 
 def test_null_scores_fail_and_images_skip_temporal_thresholds(tmp_path: Path, rows) -> None:
-    video_id_for, video_row, clip_row, run_row, T0 = rows.video_id_for, rows.video_row, rows.clip_row, rows.run_row, rows.T0
-    write_run_folder = rows.write_run_folder
+    video_id_for, video_row, clip_row, run_row = rows.video_id_for, rows.video_row, rows.clip_row, rows.run_row
+    write_run_folder, T0 = rows.write_run_folder, rows.T0
     vid, img = video_id_for("v.mp4"), video_id_for("i.jpg")
     run = "runN000000000000"
     folder = write_run_folder(

@@ -6,7 +6,6 @@ import io
 import re
 import shutil
 import subprocess
-from datetime import timedelta
 from fractions import Fraction
 from pathlib import Path
 
