@@ -41,7 +41,8 @@ class SampleItem:
 
     ``cut_frames``: 0-based first frames of every shot after the first (empty for a single shot).
     ``logo_box``: ``(x0, y0, x1, y1)`` of the static overlay as fractions of width/height, or None.
-    ``pan``: background motion ``(dx, dy)`` in pixels per frame at the file's size.
+    ``pans``: background motion ``(dx, dy)`` in pixels per frame at the file's size, one per shot
+    (the window slides right/down by this much, so the picture moves left/up).
     ``blur_sigma``: Gaussian defocus applied to every frame (0 = sharp).
     """
 
@@ -53,7 +54,7 @@ class SampleItem:
     frames: int
     cut_frames: tuple[int, ...] = ()
     logo_box: tuple[float, float, float, float] | None = None
-    pan: tuple[float, float] = (0.0, 0.0)
+    pans: tuple[tuple[float, float], ...] = ((0.0, 0.0),)
     blur_sigma: float = 0.0
 
 
@@ -81,7 +82,7 @@ class SampleTruth:
         for it in raw["items"]:
             it = dict(it)
             it["cut_frames"] = tuple(it["cut_frames"])
-            it["pan"] = tuple(it["pan"])
+            it["pans"] = tuple(tuple(p) for p in it["pans"])
             it["logo_box"] = tuple(it["logo_box"]) if it["logo_box"] is not None else None
             items.append(SampleItem(**it))
         return cls(seed=raw["seed"], items=tuple(items))
@@ -205,13 +206,13 @@ def _to_uint8(img: np.ndarray) -> np.ndarray:
 
 
 def _cuts(rng: np.random.Generator) -> tuple[list[np.ndarray], dict]:
-    shots = []
-    for palette, pan, discs in (("warm", (2.0, 0.0), 0), ("cool", (0.0, 1.0), 3), ("green", (1.5, 1.0), 1)):
+    shots, pans = [], ((2.0, 0.0), (0.0, 1.0), (1.5, 1.0))
+    for palette, pan, discs in zip(("warm", "cool", "green"), pans, (0, 3, 1)):
         frames = _pan_frames(_canvas_for(rng, SHOT_FRAMES, pan, palette), SHOT_FRAMES, pan)
         _add_discs(rng, frames, discs)
         shots.append(frames)
     cuts = tuple(SHOT_FRAMES * k for k in range(1, len(shots)))
-    return [f for shot in shots for f in shot], dict(cut_frames=cuts, pan=(2.0, 0.0))
+    return [f for shot in shots for f in shot], dict(cut_frames=cuts, pans=pans)
 
 
 def _logo(rng: np.random.Generator) -> tuple[list[np.ndarray], dict]:
@@ -220,7 +221,7 @@ def _logo(rng: np.random.Generator) -> tuple[list[np.ndarray], dict]:
     _add_discs(rng, frames, 2)
     alpha = _logo_mask()[..., None] * LOGO_ALPHA
     frames = [_to_uint8(f * (1.0 - alpha) + 255.0 * alpha) for f in frames]
-    return frames, dict(logo_box=_box_of(_logo_mask()), pan=pan)
+    return frames, dict(logo_box=_box_of(_logo_mask()), pans=(pan,))
 
 
 def _sharp_pair(rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.ndarray], dict]:
@@ -228,7 +229,7 @@ def _sharp_pair(rng: np.random.Generator) -> tuple[list[np.ndarray], list[np.nda
     frames = _pan_frames(_canvas_for(rng, SHORT_FRAMES, pan, "warm"), SHORT_FRAMES, pan)
     _add_discs(rng, frames, 2)
     blurred = [_to_uint8(_gaussian_blur(f, DEFOCUS_SIGMA)) for f in frames]
-    return frames, blurred, dict(pan=pan)
+    return frames, blurred, dict(pans=(pan,))
 
 
 def _static(rng: np.random.Generator) -> tuple[list[np.ndarray], dict]:
@@ -244,7 +245,7 @@ def _moving(rng: np.random.Generator) -> tuple[list[np.ndarray], dict]:
     pan = (8.0, 2.0)
     frames = _pan_frames(_canvas_for(rng, SHORT_FRAMES, pan, "green"), SHORT_FRAMES, pan)
     _add_discs(rng, frames, 2)
-    return frames, dict(pan=pan)
+    return frames, dict(pans=(pan,))
 
 
 def _still(rng: np.random.Generator) -> np.ndarray:

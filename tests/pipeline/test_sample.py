@@ -116,13 +116,20 @@ def test_defocused_is_the_blurred_twin_of_sharp(sample_dir, sample_truth):
         assert np.abs(cv2.GaussianBlur(s, (0, 0), DEFOCUS_SIGMA) - d).mean() < 3
 
 
+def _measured_pan(luma: np.ndarray) -> np.ndarray:
+    shifts = np.asarray([cv2.phaseCorrelate(luma[i], luma[i + 1])[0] for i in range(0, len(luma) - 1, 6)])
+    return -shifts.mean(axis=0)  # the window pans right/down, so the picture moves left/up
+
+
 def test_motion_matches_the_stated_pan(sample_dir, sample_truth):
-    for kind in ("moving", "sharp", "static"):
+    for kind in ("moving", "sharp", "static", "logo", "cuts"):
         item = sample_truth.item(kind)
         luma = _luma(sample_dir, item.file)
-        shifts = np.asarray([cv2.phaseCorrelate(luma[i], luma[i + 1])[0] for i in range(0, len(luma) - 1, 6)])
-        mean_shift = -shifts.mean(axis=0)  # the window pans right, so the picture moves left
-        assert mean_shift == pytest.approx(item.pan, abs=0.35), f"{item.file}: measured {mean_shift}"
+        bounds = (0, *item.cut_frames, item.frames)
+        assert len(item.pans) == len(bounds) - 1
+        for pan, a, b in zip(item.pans, bounds[:-1], bounds[1:]):
+            measured = _measured_pan(luma[a:b])
+            assert measured == pytest.approx(pan, abs=0.35), f"{item.file} [{a}, {b}): measured {measured}"
     static = _luma(sample_dir, "static.mp4")
     assert np.abs(np.diff(static, axis=0)).mean() < 2.5, "static.mp4 may hold only sensor noise"
 
