@@ -143,13 +143,15 @@ def _is_numeric(typ: pa.DataType) -> bool:
 
 
 def write_table(result: pa.Table, out: IO[str], *, max_rows: int | None = 100) -> None:
-    """Aligned text table: numbers right-aligned, NULL spelled out, long results cut at ``max_rows``."""
+    """Aligned text table: numbers right-aligned, NULL spelled out, multi-line cells kept aligned, long results
+    cut at ``max_rows``."""
     shown = result if max_rows is None else result.slice(0, max_rows)
     types = [f.type for f in result.schema]
     columns = [col.to_pylist() for col in shown.columns]
-    cells = [[_cell_text(v, typ) for v in col] for col, typ in zip(columns, types, strict=True)]
+    # cells[c][r] is the list of text lines of column c, row r (EXPLAIN plans and captions hold newlines).
+    cells = [[_cell_text(v, typ).split("\n") for v in col] for col, typ in zip(columns, types, strict=True)]
     headers = result.column_names
-    widths = [max([len(h), *map(len, col)]) for h, col in zip(headers, cells, strict=True)]
+    widths = [max([len(h), *(len(line) for cell in col for line in cell)]) for h, col in zip(headers, cells, strict=True)]
     right = [_is_numeric(t) for t in types]
 
     def line(values: Sequence[str]) -> str:
@@ -159,7 +161,9 @@ def write_table(result: pa.Table, out: IO[str], *, max_rows: int | None = 100) -
     out.write(line(headers) + "\n")
     out.write("-+-".join("-" * w for w in widths) + "\n")
     for i in range(shown.num_rows):
-        out.write(line([col[i] for col in cells]) + "\n")
+        height = max(len(col[i]) for col in cells) if cells else 1
+        for k in range(height):
+            out.write(line([col[i][k] if k < len(col[i]) else "" for col in cells]) + "\n")
     n = result.num_rows
     if shown.num_rows < n:
         out.write(f"({shown.num_rows} of {n} rows shown; --max-rows 0 shows all, --format csv|json prints all)\n")

@@ -133,6 +133,12 @@ def test_multiple_statements_and_describe(registered: Path) -> None:
     assert out.rstrip().endswith("(1 row)")
 
 
+def test_multi_line_cells_stay_aligned(registered: Path) -> None:
+    code, out, _ = _main(str(registered), "SELECT 'a' || chr(10) || 'bb' AS two_lines, 7 AS n")
+    assert code == 0
+    assert out.splitlines()[2:4] == ["a         | 7", "bb        |"]
+
+
 def test_max_rows_cuts_the_table(registered: Path) -> None:
     code, out, _ = _main(str(registered), "--max-rows", "2", "SELECT clip_id FROM clips_history")
     assert code == 0
