@@ -57,6 +57,13 @@ class SampleItem:
     pans: tuple[tuple[float, float], ...] = ((0.0, 0.0),)
     blur_sigma: float = 0.0
 
+    @property
+    def pan(self) -> tuple[float, float]:
+        """The background motion of a single-shot item (``pans`` holds one per shot)."""
+        if len(self.pans) != 1:
+            raise ValueError(f"{self.file} has {len(self.pans)} shots with different pans; read .pans")
+        return self.pans[0]
+
 
 @dataclass(frozen=True)
 class SampleTruth:

@@ -130,6 +130,9 @@ def test_motion_matches_the_stated_pan(sample_dir, sample_truth):
         for pan, a, b in zip(item.pans, bounds[:-1], bounds[1:]):
             measured = _measured_pan(luma[a:b])
             assert measured == pytest.approx(pan, abs=0.35), f"{item.file} [{a}, {b}): measured {measured}"
+    assert sample_truth.item("moving").pan == sample_truth.item("moving").pans[0]
+    with pytest.raises(ValueError, match="3 shots"):
+        sample_truth.item("cuts").pan
     static = _luma(sample_dir, "static.mp4")
     assert np.abs(np.diff(static, axis=0)).mean() < 2.5, "static.mp4 may hold only sensor noise"
 
