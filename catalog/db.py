@@ -457,8 +457,8 @@ def _read_run_table(run_dir: Path, key: str) -> pa.Table:
                              f"unexpected {extra}")
     try:
         return table.select(want.names).cast(want)
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-        raise RunFolderError(f"{path}: cannot cast to catalog.schema {key!r}: {exc}") from exc
+    except (ValueError, pa.ArrowNotImplementedError) as exc:  # ArrowInvalid is a ValueError
+        raise RunFolderError(f"{path}: cannot cast to catalog.schema {key!r} (nothing was registered): {exc}") from exc
 
 
 def _fingerprint(run_dir: Path) -> str:
@@ -578,8 +578,11 @@ def register_run(db_path: str | Path, run_dir: str | Path) -> RegisterResult:
             con.execute("INSERT OR REPLACE INTO _registrations VALUES (?, ?, ?, ?)",
                         [str(run_dir), fingerprint, run_ids, now])
             con.execute("COMMIT")
-        except duckdb.Error:
+        except duckdb.Error as exc:
             con.execute("ROLLBACK")
+            if isinstance(exc, duckdb.ConstraintException):
+                raise RunFolderError(f"{run_dir}: rows break the catalog's constraints (nothing was registered): "
+                                     f"{exc}") from exc
             raise
         return RegisterResult(str(db_path), str(run_dir), tuple(run_ids), True,
                               {k: t.num_rows for k, t in tables.items()}, replaced)

@@ -5,6 +5,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import duckdb
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -225,6 +226,22 @@ def test_bad_run_folder_is_a_clear_error(tmp_path: Path, two_runs: dict) -> None
     pq.write_table(table, folder / "rejects.parquet")
     with pytest.raises(RunFolderError, match="extra"):
         register_run(tmp_path / "c.duckdb", folder)
+
+
+def test_a_failed_registration_changes_nothing(registered: Path, tmp_path: Path, rows) -> None:
+    before = _dump(registered)
+    vid, run = rows.video_id_for("bad.mp4"), "runX000000000000"
+    folder = rows.write_run_folder(tmp_path / "bad", videos=[rows.video_row(vid, run, uri="/raw/bad.mp4")],
+                                   clips=[rows.clip_row(vid, run)], rejects=[], runs=[rows.run_row(run, rows.T0)])
+    # Another writer's file with a NULL clip_id (catalog.schema declares it NOT NULL).
+    relaxed = pa.schema([f.with_nullable(True) for f in schema.CLIPS])
+    table = pq.read_table(folder / "clips.parquet").cast(relaxed)
+    table = table.set_column(0, relaxed.field(0), pa.array([None], pa.string()))
+    pq.write_table(table, folder / "clips.parquet")
+    with pytest.raises(RunFolderError) as err:
+        register_run(registered, folder)
+    assert "nothing was registered" in str(err.value) and "clip_id" in str(err.value)
+    assert _dump(registered) == before
 
 
 def test_shard_rows_join_back_to_clips(registered: Path, two_runs: dict) -> None:
