@@ -15,7 +15,7 @@ import pytest
 from PIL import Image
 
 from catalog.cli import main
-from catalog.db import open_catalog, register_run, set_threshold
+from catalog.db import append_rows, open_catalog, register_run, set_threshold
 from catalog.report import SCORE_COLUMNS, ReportOptions, histogram_svg, write_report
 from pipeline import media
 
@@ -114,10 +114,17 @@ def test_report_content(media_run: dict, tmp_path: Path) -> None:
 
     con = open_catalog(db)
     set_threshold(con, "aesthetic_min", 5.6)
+    append_rows(con, "shards", [
+        {"shard": f"17x256x448/shard-00000{i}.tar", "bucket": "17x256x448", "frames": 17, "height": 256, "width": 448,
+         "fps": 8.0, "num_samples": 3, "bytes": 2_500_000, "output": "/out/shards", "selection": "true"}
+        for i in range(2)])
     con.close()
     page = write_report(db, tmp_path / "report2.html").path.read_text()
     assert page.count('class="card kept"') == 1  # only magenta 0-50 scores above 5.6
     assert "aesthetic_min &gt;= 5.6" in page
+    bucket_row = re.search(r"<tr><td>17x256x448</td>(.*?)</tr>", page)
+    assert bucket_row is not None
+    assert re.findall(r"<td>([^<]*)</td>", bucket_row.group(1)) == ["17", "256", "448", "8.0", "2", "6", "5.0"]
 
 
 def test_report_command(media_run: dict, tmp_path: Path) -> None:
