@@ -32,6 +32,7 @@ from pathlib import Path
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from catalog import schema
@@ -560,7 +561,7 @@ def register_run(db_path: str | Path, run_dir: str | Path) -> RegisterResult:
     if not run_dir.is_dir():
         raise RunFolderError(f"run folder {run_dir} does not exist (expected a jobs.curate output folder)")
     tables = {key: _read_run_table(run_dir, key) for key in RUN_FILES}
-    run_ids = sorted(set().union(*(set(t.column("run_id").to_pylist()) for t in tables.values())))
+    run_ids = sorted(set().union(*(set(pc.unique(t.column("run_id")).to_pylist()) for t in tables.values())))
     if not run_ids:
         raise RunFolderError(f"{run_dir}: no rows with a run_id in {sorted(RUN_FILES.values())}")
     fingerprint = _fingerprint(run_dir)
