@@ -70,6 +70,7 @@ def synthetic_run(n_clips: int, clips_per_video: int, run_id: str, rng: np.rando
     duration = np.where(is_image, 0.0, frames / clip_fps)
     n = n_clips
     aesthetic = rng.normal(5.0, 0.8, n).astype(np.float32)
+    sharp = rng.beta(5, 3, n)  # focus measure: ~0.25-0.95 in focus, < 0.2 blurred
     motion = np.where(is_image, np.nan, rng.lognormal(2.0, 1.2, n)).astype(np.float32)
     prefiltered = (~is_image) & ((motion < 1.0) | (rng.random(n) < 0.05))
     reasons = [np.array(["too_static"]) if p else np.array([], dtype=str) for p in prefiltered]
@@ -93,8 +94,8 @@ def synthetic_run(n_clips: int, clips_per_video: int, run_id: str, rng: np.rando
         "frames": pa.array(frames, pa.int64()), "duration": pa.array(duration), "fps": pa.array(clip_fps),
         "width": pa.array(res[video_of, 0], pa.int32()), "height": pa.array(res[video_of, 1], pa.int32()),
         "is_image": pa.array(is_image),
-        "sharpness_min": pa.array(rng.lognormal(-2.8, 0.6, n).astype(np.float32)),
-        "sharpness_median": pa.array(rng.lognormal(-2.3, 0.6, n).astype(np.float32)),
+        "sharpness_min": pa.array((sharp * 0.8).astype(np.float32)),
+        "sharpness_median": pa.array(sharp.astype(np.float32)),
         "motion_mean": pa.array(motion, from_pandas=True), "motion_max": pa.array(motion * 1.7, from_pandas=True),
         "overlay_score": pa.array(np.where(is_image, np.nan, rng.beta(1, 8, n)).astype(np.float32), from_pandas=True),
         "overlay_box": pa.nulls(n, pa.list_(pa.float32())),

@@ -87,9 +87,9 @@ class ThresholdRule:
 
 THRESHOLD_RULES: tuple[ThresholdRule, ...] = (
     ThresholdRule(
-        "sharpness_min", "sharpness_median", ">=", 0.05,
-        "lowest clips.sharpness_median kept (focus measure of pipeline.scoring.sharpness; 0.05 is also curation's "
-        "[prefilter] cut, which drops blurred clips before the model stages)",
+        "sharpness_min", "sharpness_median", ">=", 0.2,
+        "lowest clips.sharpness_median kept (focus measure: ~0.25-0.95 in focus, < 0.2 blurred; 0.2 is also "
+        "curation's [prefilter] cut, which drops blurred clips before the model stages)",
     ),
     ThresholdRule(
         "motion_min", "motion_mean", ">=", 0.5,

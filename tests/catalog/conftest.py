@@ -35,7 +35,7 @@ def video_row(vid: str, run_id: str, *, uri: str, width: int = 640, height: int 
 
 def clip_row(vid: str, run_id: str, *, start: int = 0, end: int = 100, fps: float = 25.0, width: int = 640,
              height: int = 360, is_image: bool = False, aesthetic: float | None = 5.2,
-             watermark: float | None = 0.1, motion: float | None = 12.0, sharpness: float | None = 0.12,
+             watermark: float | None = 0.1, motion: float | None = 12.0, sharpness: float | None = 0.6,
              overlay: float | None = 0.05, similarity: float | None = 0.3, caption: str | None = "a dog runs",
              reasons: tuple[str, ...] = ()) -> dict:
     frames = 1 if is_image else end - start

@@ -148,7 +148,7 @@ def test_null_scores_fail_and_images_skip_temporal_thresholds(tmp_path: Path, ro
     assert verdicts[f"{vid}:0-100"] == ["aesthetic_min"]
     assert verdicts[f"{img}:0-1"] == []  # duration 0 and no motion, but an image has no time to judge
     set_threshold(con, "motion_min", 50.0)
-    set_threshold(con, "sharpness_min", 0.2)
+    set_threshold(con, "sharpness_min", 0.7)
     verdicts = dict(con.execute("SELECT clip_id, failed_thresholds FROM clip_verdicts").fetchall())
     assert verdicts[f"{img}:0-1"] == ["sharpness_min"]  # sharpness applies to images, motion does not
     assert verdicts[f"{vid}:0-100"] == ["sharpness_min", "motion_min", "aesthetic_min"]
