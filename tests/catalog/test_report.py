@@ -131,8 +131,11 @@ def test_report_command(media_run: dict, tmp_path: Path) -> None:
     out, err = io.StringIO(), io.StringIO()
     code = main(["report", str(media_run["db"]), "--output", str(tmp_path / "r.html"), "--clips", "2"], out, err)
     assert code == 0, err.getvalue()
-    assert "1 clips with unreadable sources" in out.getvalue() or "0 clips" in out.getvalue()
-    assert (tmp_path / "r.html").read_text().count('class="card ') <= 4
+    # Two kept cards spread over the three kept clips (lowest and highest aesthetic: the photo and magenta 0-50,
+    # both readable) and two rejected ones.
+    assert "0 clips with unreadable sources" in out.getvalue()
+    page = (tmp_path / "r.html").read_text()
+    assert page.count('class="card kept"') == 2 and page.count('class="card rejected"') == 2
     code = main(["report", str(tmp_path / "missing.duckdb"), "--output", str(tmp_path / "x.html")], out, err)
     assert code == 2 and "does not exist" in err.getvalue()
 
