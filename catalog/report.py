@@ -270,13 +270,8 @@ def _fmt(value: object, pattern: str = "{}") -> str:
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, cls: str = "") -> str:
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c if isinstance(c, Markup) else _e(c)}</td>" for c in row) + "</tr>"
-                   for row in rows)
+    body = "".join("<tr>" + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for row in rows)
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-class Markup(str):
-    """Already-escaped HTML for a table cell."""
 
 
 CSS = """
