@@ -96,7 +96,7 @@ class LocalRun:
 class RayRun:
     """Inside a Ray Train worker: rank/device from the train context, reporting via ray.train.report."""
 
-    def __init__(self) -> None:
+    def __init__(self, resume_from: str = "") -> None:
         import ray.train
         import ray.train.torch
 
@@ -107,10 +107,11 @@ class RayRun:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self._latest = ray.train.get_checkpoint()
+        self._resume_from = Path(resume_from) if resume_from else None
 
     def latest_checkpoint(self) -> Path | None:
         if self._latest is None:
-            return None
+            return self._resume_from
         # Local storage: the checkpoint path is readable in place from every worker on this node.
         path = Path(self._latest.path)
         if path.is_dir():
@@ -128,8 +129,10 @@ class RayRun:
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (lives in the package so workers can import it)."""
+    config = dict(config)
     torch.set_num_threads(max(1, int(config.pop("_threads_per_worker", 1))))
-    main(stage_config_from_dict(config), RayRun())
+    resume_from = config.pop("_resume_from", "")
+    main(stage_config_from_dict(config), RayRun(resume_from))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,97 @@
+"""Train one VAE stage on Ray Train.
+
+    python -m jobs.train --config jobs/configs/vae_stage1.toml      # 17 frames at 256x256 + images
+    python -m jobs.train --config jobs/configs/vae_stage2.toml      # 161 frames, from stage 1
+    ray job submit --working-dir . -- python -m jobs.train --config jobs/configs/vae_stage1.toml \
+        --workers 8 --gpus-per-worker 1
+
+Re-running the same config (same [ray] name and storage_path) resumes from the run's latest
+checkpoint. Relative paths in the config are resolved against the current directory here, once,
+so every worker sees the same absolute paths. Exits non-zero when training fails.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+from trainer.checkpoint import latest_checkpoint
+from trainer.config import VAEStageConfig, load_stage_config, stage_config_to_dict
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
+    p.add_argument("--config", required=True, help="stage TOML, e.g. jobs/configs/vae_stage1.toml")
+    p.add_argument("--workers", type=int, help="override [ray] workers (one process per GPU or CPU worker)")
+    p.add_argument("--gpus-per-worker", type=float, help="override [ray] gpus_per_worker")
+    p.add_argument("--cpus-per-worker", type=float, help="override [ray] cpus_per_worker")
+    p.add_argument("--steps", type=int, help="override [train] steps")
+    p.add_argument("--address", default=None, help="Ray address; 'local' starts an in-process cluster")
+    return p.parse_args(argv)
+
+
+def _abs(path: str) -> str:
+    return str(Path(path).expanduser().resolve()) if path and "://" not in path else path
+
+
+def resolve(cfg: VAEStageConfig, args: argparse.Namespace) -> VAEStageConfig:
+    """Apply command-line overrides and make every path absolute."""
+    ray_cfg = dataclasses.replace(
+        cfg.ray,
+        workers=args.workers if args.workers is not None else cfg.ray.workers,
+        gpus_per_worker=args.gpus_per_worker if args.gpus_per_worker is not None else cfg.ray.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker if args.cpus_per_worker is not None else cfg.ray.cpus_per_worker,
+        storage_path=_abs(cfg.ray.storage_path),
+    )
+    data = dataclasses.replace(cfg.data, root=_abs(cfg.data.root), heldout_root=_abs(cfg.data.heldout_root))
+    train = dataclasses.replace(cfg.train, init_from=_abs(cfg.train.init_from),
+                                steps=args.steps if args.steps is not None else cfg.train.steps)
+    loss = dataclasses.replace(cfg.loss, perceptual_weights=_abs(cfg.loss.perceptual_weights))
+    return dataclasses.replace(cfg, ray=ray_cfg, data=data, train=train, loss=loss)
+
+
+def build_trainer(cfg: VAEStageConfig):
+    """A TorchTrainer for ``cfg``; resumes from the latest checkpoint of the same run if there is one."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from trainer.train_vae import train_loop_per_worker
+
+    use_gpu = cfg.ray.gpus_per_worker > 0
+    resources = {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": cfg.ray.gpus_per_worker} if use_gpu else {})
+    previous = latest_checkpoint(Path(cfg.ray.storage_path) / cfg.ray.name) if "://" not in cfg.ray.storage_path else None
+    if previous is not None:
+        print(f"resuming {cfg.ray.name} from {previous}")
+    # Ray Train v2 dropped resume_from_checkpoint: the loop gets the folder and loads it itself
+    # (ray.train.get_checkpoint() still wins when Ray restarts workers inside this run).
+    loop_config = stage_config_to_dict(cfg) | {"_threads_per_worker": max(1, int(cfg.ray.cpus_per_worker)),
+                                               "_resume_from": str(previous) if previous is not None else ""}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.ray.workers, use_gpu=use_gpu,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(name=cfg.ray.name, storage_path=cfg.ray.storage_path),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = resolve(load_stage_config(args.config), args)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
+    result = build_trainer(cfg).fit()
+    if result.error is not None:
+        print(f"training failed: {result.error!r}", file=sys.stderr)
+        return 1
+    print(f"done: step {result.metrics.get('step')} checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""python -m jobs.train: shipped configs parse; a 2-worker TorchTrainer on CPU runs stage 1 then stage 2."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from jobs.train import main as train_job
+from jobs.train import parse_args, resolve
+from trainer.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
+from trainer.config import load_stage_config
+from trainer.synthetic import write_synthetic_shards
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_shipped_stage_configs_follow_the_recipe() -> None:
+    s1 = load_stage_config(REPO / "jobs/configs/vae_stage1.toml")
+    s2 = load_stage_config(REPO / "jobs/configs/vae_stage2.toml")
+    assert s1.model.preset == s2.model.preset == "cogvideox"
+    assert set(s1.data.buckets) == {"17x256x256", "1x256x256"}  # clips with images mixed in
+    assert s2.data.buckets == ("161x256x256",)
+    assert Path(s2.train.init_from).name == s1.ray.name  # stage 2 starts from stage 1's run
+    assert s2.model.checkpointing == "chunk" and s2.model.chunk_latent_frames > 0
+    assert s1.loss.kl_weight == pytest.approx(1e-6)
+
+
+def test_overrides_and_relative_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = parse_args(["--config", str(REPO / "jobs/configs/vae_stage2.toml"), "--workers", "8", "--gpus-per-worker", "1"])
+    cfg = resolve(load_stage_config(args.config), args)
+    assert (cfg.ray.workers, cfg.ray.gpus_per_worker) == (8, 1.0)
+    assert cfg.train.init_from == str(tmp_path / "runs/vae_stage1")
+    assert cfg.data.root == str(tmp_path / "out/shards")
+
+
+STAGE = """
+[model]
+preset = "tiny"
+chunk_latent_frames = {chunk}
+checkpointing = "{ckpt}"
+[data]
+root = "{root}/train"
+buckets = {buckets}
+weights = {weights}
+batch_sizes = {batch_sizes}
+heldout_root = "{root}/heldout"
+heldout_bucket = "{heldout}"
+heldout_samples = 2
+[optim]
+lr = 1e-3
+[loss]
+disc_start = {disc_start}
+disc_channels = 8
+disc_layers = 2
+disc_frames = 5
+[train]
+steps = {steps}
+log_every = 1
+eval_every = {steps}
+ckpt_every = {steps}
+recon_every = {steps}
+init_from = "{init_from}"
+[ray]
+workers = 2
+cpus_per_worker = 1
+storage_path = "{runs}"
+name = "{name}"
+"""
+
+
+@pytest.mark.slow
+def test_two_workers_run_stage1_then_stage2_from_tars(tmp_path: Path) -> None:
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    root = tmp_path / "shards"
+    write_synthetic_shards(root / "train", {"17x32x32": list(range(4)), "1x32x32": list(range(100, 108)),
+                                            "161x16x16": list(range(200, 202))}, per_shard=2)
+    write_synthetic_shards(root / "heldout", {"17x32x32": [900, 901], "161x16x16": [950, 951]})
+    runs = tmp_path / "runs"
+    s1 = tmp_path / "stage1.toml"
+    s1.write_text(STAGE.format(chunk=2, ckpt="block", root=root, buckets='["17x32x32", "1x32x32"]',
+                               weights="[0.5, 0.5]", batch_sizes="[1, 2]", heldout="17x32x32", disc_start=2,
+                               steps=2, init_from="", runs=runs, name="vae_stage1"))
+    s2 = tmp_path / "stage2.toml"
+    s2.write_text(STAGE.format(chunk=2, ckpt="chunk", root=root, buckets='["161x16x16"]', weights="[1.0]",
+                               batch_sizes="[1]", heldout="161x16x16", disc_start=0, steps=1,
+                               init_from=runs / "vae_stage1", runs=runs, name="vae_stage2"))
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        assert train_job(["--config", str(s1)]) == 0
+        stage1 = latest_checkpoint(runs / "vae_stage1")
+        assert stage1 is not None and checkpoint_step(stage1) == 2
+        # Both workers' RNG states were merged into the one checkpoint folder.
+        assert {p.name for p in stage1.glob("rng_rank*.pt")} == {"rng_rank0.pt", "rng_rank1.pt"}
+        assert len(list(stage1.glob("recon_step000002_*.mp4"))) == 1  # rank 0's share of 2 held-out clips
+
+        assert train_job(["--config", str(s2)]) == 0
+        stage2 = latest_checkpoint(runs / "vae_stage2")
+        assert stage2 is not None and checkpoint_step(stage2) == 1
+        state, _ = load_checkpoint(stage2, rank=0)
+        assert state["data_position"] == {"161x16x16": 1}
+        assert state["config"]["train"]["init_from"] == str(runs / "vae_stage1")
+
+        # Re-running stage 1 with more steps resumes at step 3 instead of starting over.
+        assert train_job(["--config", str(s1), "--steps", "3"]) == 0
+        resumed = latest_checkpoint(runs / "vae_stage1")
+        assert checkpoint_step(resumed) == 3
+        state, _ = load_checkpoint(resumed, rank=0)
+        assert sum(state["data_position"].values()) == 3
+    finally:
+        ray.shutdown()
