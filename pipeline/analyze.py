@@ -15,6 +15,7 @@ import numpy as np
 
 from pipeline import media
 from pipeline.scenecut import CutDetector, SceneCutConfig, clip_spans
+from pipeline.scoring._frames import shrink
 from pipeline.scoring.motion import motion
 from pipeline.scoring.overlay import static_overlay
 from pipeline.scoring.sharpness import sharpness
@@ -96,7 +97,7 @@ def analyze_video(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
         return _reject(uri, None, "read", err)
     try:
         t0 = time.perf_counter()
-        info = media.probe(path)
+        info = media.probe(path, video_id=video_id)
         probe_s = time.perf_counter() - t0
     except media.MediaError as err:
         return _reject(uri, video_id, "probe", err)
@@ -109,12 +110,18 @@ def analyze_video(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
     next_keep = 0.0
     n_decoded = 0
     try:
-        stream = media.open_frames(path, info, max_side=decode.max_side, backend=decode.backend)
+        # Converting a frame to RGB at its own size is cheaper than any scaler inside the decoder, so
+        # moderate sources decode at full size; only the kept frames are scaled to the analysis size.
+        big = max(info.display_width, info.display_height) > decode.decode_max_side
+        stream = media.open_frames(path, info, max_side=decode.decode_max_side if big else None, backend=decode.backend)
+        target = media.output_size(info, decode.max_side)
         for index, frame in stream:
             n_decoded += 1
             if detector is not None:
                 detector.push(index, frame)
             if index >= next_keep - 1e-6:
+                if (frame.shape[1], frame.shape[0]) != target:
+                    frame = shrink(frame, target)
                 kept.append(frame)
                 kept_index.append(index)
                 next_keep += step

@@ -12,7 +12,8 @@ from pipeline.config import ConfigError, from_dict, load_toml
 class DecodeConfig:
     """[decode]: the one downscaled frame stream every per-clip stage shares."""
 
-    max_side: int = 384          # longer side of the analysis frames; sharpness is measured at this size
+    max_side: int = 384          # longer side of the analysis frames handed to scorers and models
+    decode_max_side: int = 768   # sources larger than this are scaled inside the decoder first
     analysis_fps: float = 4.0    # frames kept per second for sharpness / overlay (scene cut sees every frame)
     motion_fps: float = 2.0      # optical flow runs on this subset
     model_fps: float = 1.0       # frames per second handed to watermark / aesthetic models

@@ -33,7 +33,8 @@ def shrink(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
         return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
     k = min(w // size[0], h // size[1])
     if k < 2:
-        return cv2.resize(img, size, interpolation=cv2.INTER_AREA)
+        # Below 2x, bilinear already reads every source pixel; area resampling at a fractional ratio is ~20x slower.
+        return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)
     img = cv2.resize(img, (w // k, h // k), interpolation=cv2.INTER_AREA)
     if (img.shape[1], img.shape[0]) == size:
         return img
