@@ -36,8 +36,18 @@ class LossConfig:
     """Strided layers in the patch discriminator."""
     disc_frames: int = 17
     """The discriminator sees a random window of at most this many frames (bounds memory at 161)."""
+    adaptive_weight_on: str = "last_layer"
+    """Where the adaptive GAN weight compares gradient norms: "last_layer" (the decoder's last conv
+    weight, as in taming/CogVideoX) or "output" (the reconstruction itself). With chunk checkpointing
+    "last_layer" re-runs every decoder chunk twice and keeps all recomputed activations alive
+    (autograd.grad with retain_graph), which defeats chunking at 161 frames; "output" needs no
+    recompute."""
 
     def __post_init__(self) -> None:
+        if self.adaptive_weight_on not in ("last_layer", "output"):
+            raise ValueError(
+                f"LossConfig.adaptive_weight_on: expected 'last_layer' or 'output', got {self.adaptive_weight_on!r}"
+            )
         if self.recon not in ("l1", "mse"):
             raise ValueError(f"LossConfig.recon: expected 'l1' or 'mse', got {self.recon!r}")
         if self.disc_frames < 1:
@@ -163,7 +173,10 @@ def g_hinge_loss(logits_fake: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_weight(nll: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor, max_weight: float = 1e4) -> torch.Tensor:
-    """||d nll / d W|| / ||d g_loss / d W|| at the decoder's last layer W (Esser et al., taming)."""
+    """||d nll / d W|| / ||d g_loss / d W|| at ``last_layer`` W (Esser et al., taming).
+
+    W is the decoder's last conv weight, or the reconstruction tensor (see LossConfig.adaptive_weight_on).
+    """
     nll_grad = torch.autograd.grad(nll, last_layer, retain_graph=True)[0]
     g_grad = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
     nll_norm, g_norm = _norm(nll_grad), _norm(g_grad)

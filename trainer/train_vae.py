@@ -230,7 +230,8 @@ def train_step(
             # The raw discriminator: its grads here are discarded, so no DDP all-reduce is wasted on them.
             logits_fake = unwrap(disc)(time_window(recon, window, start))
         g_loss = g_hinge_loss(logits_fake)
-        d_weight = adaptive_weight(nll, g_loss, unwrap(model).last_layer) * lc.disc_weight
+        at = unwrap(model).last_layer if lc.adaptive_weight_on == "last_layer" else recon
+        d_weight = adaptive_weight(nll, g_loss, at) * lc.disc_weight
         loss = loss + d_weight * g_loss
         parts["loss_g"] = g_loss.detach()
         parts["d_weight"] = d_weight.detach()

@@ -130,7 +130,9 @@ class CausalConv3d(nn.Module):
         else:
             pad = cache
         xp = torch.cat([pad, x], dim=2)  # (B, C, k-1+T, H, W)
-        return self.conv(xp), xp[:, :, -self.time_pad :]
+        # Clone: a view would pin the whole chunk's padded input for as long as the cache lives,
+        # which under chunk checkpointing is every chunk's input for the whole backward.
+        return self.conv(xp), xp[:, :, -self.time_pad :].clone()
 
 
 class FrameGroupNorm(nn.GroupNorm):
