@@ -28,7 +28,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from trainer.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
-    load_model_state,
     load_optimizer_state,
     model_state,
     optimizer_state,
