@@ -44,7 +44,9 @@ def make_clip(path: Path, seconds: float, w: int = 640, h: int = 360, fps: int =
             for bx, by, br in blobs:
                 cx = (bx + 60 * t) % w
                 img[(xx - cx) ** 2 + (yy - by) ** 2 < (br + 8) ** 2] = 255 - col
-            img = np.clip(img + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+            # Film grain keeps the bitrate near real 360p web video (~1 Mbit/s); a clean synthetic clip
+            # compresses 5x smaller and decodes 2-3x faster than anything a curation run will see.
+            img = np.clip(img + rng.normal(0, 6, img.shape[:2])[..., None], 0, 255).astype(np.uint8)
             for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 out.mux(p)
         for p in s.encode():
@@ -96,7 +98,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "bench_640x360.mp4"
         n = make_clip(clip, args.seconds)
-        print(f"clip: {clip.name} {n} frames, {clip.stat().st_size / 1e6:.1f} MB")
+        mbit = clip.stat().st_size * 8 / 1e6 / args.seconds
+        print(f"clip: {clip.name} {n} frames, {clip.stat().st_size / 1e6:.1f} MB, {mbit:.2f} Mbit/s")
         cpu_stages(clip)  # warm imports and caches outside the timed runs
         t_dec = best_of(lambda: plain_decode(clip), args.repeat)
         t_cpu = best_of(lambda: cpu_stages(clip), args.repeat)

@@ -15,7 +15,6 @@ import numpy as np
 
 from pipeline import media
 from pipeline.scenecut import CutDetector, SceneCutConfig, clip_spans
-from pipeline.scoring._frames import shrink
 from pipeline.scoring.motion import motion
 from pipeline.scoring.overlay import static_overlay
 from pipeline.scoring.sharpness import sharpness
@@ -107,26 +106,32 @@ def analyze_video(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
     kept: list[np.ndarray] = []
     kept_index: list[int] = []
     step = max(fps / decode.analysis_fps, 1.0)
-    next_keep = 0.0
+
+    def keep(i: int) -> bool:  # about analysis_fps frames per second, the first frame always
+        return i == 0 or int(i // step) != int((i - 1) // step)
+
     n_decoded = 0
+    decoder = "pillow" if info.is_image else decode.backend
     try:
-        # Converting a frame to RGB at its own size is cheaper than any scaler inside the decoder, so
-        # moderate sources decode at full size; only the kept frames are scaled to the analysis size.
-        big = max(info.display_width, info.display_height) > decode.decode_max_side
-        stream = media.open_frames(path, info, max_side=decode.decode_max_side if big else None, backend=decode.backend)
-        target = media.output_size(info, decode.max_side)
-        for index, frame in stream:
-            n_decoded += 1
-            if detector is not None:
-                detector.push(index, frame)
-            if index >= next_keep - 1e-6:
-                if (frame.shape[1], frame.shape[0]) != target:
-                    frame = shrink(frame, target)
-                kept.append(frame)
-                kept_index.append(index)
-                next_keep += step
-                while next_keep <= index:
-                    next_keep += step
+        if info.is_image or decode.backend == "decord":
+            stream = media.open_frames(path, info, max_side=decode.max_side, backend="auto" if info.is_image else "decord")
+            for index, frame in stream:
+                n_decoded += 1
+                if detector is not None:
+                    detector.push(index, frame)
+                if keep(index):
+                    kept.append(frame)
+                    kept_index.append(index)
+            decoder = stream.decoder
+        else:
+            decoder = "pyav"
+            for index, small, frame in media.iter_analysis(path, info, detect_width=scenecut.detect_width,
+                                                           max_side=decode.max_side, keep=keep):
+                n_decoded += 1
+                detector.push_bgr(index, small)
+                if frame is not None:
+                    kept.append(frame)
+                    kept_index.append(index)
         cuts = detector.finish() if detector is not None else []
     except media.MediaError as err:
         return _reject(uri, video_id, "decode", err)
@@ -153,7 +158,7 @@ def analyze_video(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
     row = info.to_row()
     row.update(
         probe_seconds=probe_s,
-        decoder=stream.decoder,
+        decoder=decoder,
         frames=int(n_decoded) if not info.is_image else 1,
         cut_frames=[int(c) for c in cuts],
         cut_detector=None if detector is None else detector.name,

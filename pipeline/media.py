@@ -16,11 +16,12 @@ import hashlib
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 from PIL import Image
 
@@ -684,3 +685,81 @@ def _frame_rgb(frame: av.VideoFrame, size: tuple[int, int], info: MediaInfo) -> 
     else:
         rgb = frame.to_ndarray(format="rgb24")
     return _to_display(rgb, info.rotation)
+
+
+# ---------------------------------------------------------------------------------------------
+# The curation decode: every frame small for scene cut, a thinned subset at the analysis size.
+
+_PLANAR_420 = ("yuv420p", "yuvj420p")
+
+
+def _shrink_plane(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    h, w = plane.shape[:2]
+    if (w, h) == size:
+        return plane
+    # Whole-factor area averaging is cheap; fractional area resampling is not (bilinear for the rest).
+    k = min(w // size[0], h // size[1])
+    if k >= 2:
+        plane = cv2.resize(plane, (w // k, h // k), interpolation=cv2.INTER_AREA)
+        if (plane.shape[1], plane.shape[0]) == size:
+            return plane
+    return cv2.resize(plane, size, interpolation=cv2.INTER_LINEAR)
+
+
+def iter_analysis(path: str | Path, info: MediaInfo, *, detect_width: int, max_side: int,
+                  keep: Callable[[int], bool], prefetch: bool = True
+                  ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    """One decode of a video for curation: ``(index, small_bgr, rgb_or_None)`` per frame.
+
+    ``small_bgr`` is every frame at ``detect_width`` wide in coded orientation (the scene detector compares
+    colour statistics, which rotation does not change); ``rgb`` is the display-orientation RGB frame at
+    ``output_size(info, max_side)`` for the frames where ``keep(index)`` is true, None elsewhere.
+
+    Why not ``open_frames``: converting every frame to full-size RGB (or scaling it inside the decoder)
+    costs more than decoding it. Here 4:2:0 frames are read as planes, the detector's copy is built from
+    shrunk planes, and only the kept frames are converted at full size. Runs in a background thread
+    with ``prefetch``, so conversion overlaps the consumer's scene cut and scoring.
+    """
+    path = Path(path)
+    if info.is_image:
+        raise ValueError(f"expected a video, got an image: {path}")
+    src = iter(_analysis_frames(path, info, detect_width, output_size(info, max_side), keep))
+    if not prefetch:
+        return src
+    return _prefetched(src, _PREFETCH_FRAMES, name=f"analysis decode {path.name}")
+
+
+def _analysis_frames(path: Path, info: MediaInfo, detect_width: int, size: tuple[int, int],
+                     keep: Callable[[int], bool]) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+    w, h = info.width, info.height
+    dw = min(detect_width, w) // 4 * 4  # I420 at the small size needs sides divisible by 4 (even chroma rows)
+    dsize = (max(4, dw), max(4, round(h * dw / w / 4) * 4))
+    produced = 0
+    with _open_container(path) as container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "AUTO"
+        for frame in _decode_tolerant(container, stream):
+            if produced >= info.frames:
+                produced += 1
+                continue  # keep counting for the error message
+            kept = keep(produced)
+            if frame.format.name in _PLANAR_420 and frame.width == w and frame.height == h:
+                yuv = frame.to_ndarray()                                # (H*3/2, W) I420
+                y = yuv[:h]
+                u = yuv[h:h + h // 4].reshape(h // 2, w // 2)
+                v = yuv[h + h // 4:h + h // 2].reshape(h // 2, w // 2)
+                # Shrink the planes, repack as a small I420 image and convert that: the same BT.601
+                # video-range conversion swscale applies to the full frame, at 1/16 of the pixels.
+                cw, ch = dsize[0] // 2, dsize[1] // 2
+                small = np.concatenate([_shrink_plane(y, dsize), _shrink_plane(u, (cw, ch)).reshape(-1, dsize[0]),
+                                        _shrink_plane(v, (cw, ch)).reshape(-1, dsize[0])])
+                small = cv2.cvtColor(small, cv2.COLOR_YUV2BGR_I420)
+                rgb = _shrink_plane(_frame_rgb(frame, (w, h), info), size) if kept else None
+            else:
+                full = frame.to_ndarray(format="rgb24")                 # coded orientation
+                small = cv2.cvtColor(_shrink_plane(full, dsize), cv2.COLOR_RGB2BGR)
+                rgb = _shrink_plane(_to_display(full, info.rotation), size) if kept else None
+            yield produced, small, rgb
+            produced += 1
+    if produced != info.frames:
+        raise DecodeError(f"expected {info.frames} frames (probe's count), PyAV decoded {produced}: {path}")

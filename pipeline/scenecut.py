@@ -125,17 +125,21 @@ class CutDetector:
         for tc in self._detector.process_frame(FrameTimecode(index, self.fps), bgr):
             self._cuts.append(tc.frame_num)
 
-    def push(self, index: int, frame_rgb: np.ndarray) -> None:
-        """Feed frame ``index`` (0-based, strictly increasing) as an (H, W, 3) uint8 RGB array."""
+    def push_bgr(self, index: int, small_bgr: np.ndarray) -> None:
+        """Feed frame ``index`` already reduced to about ``detect_width`` wide, in BGR (the decode path
+        that builds it straight from the YUV planes skips a full-size RGB conversion)."""
         if self._finished:
             raise RuntimeError("CutDetector.push after finish(); make a new detector per video")
         if index <= self._last_index:
             raise ValueError(f"frame index: expected > {self._last_index} (strictly increasing), got {index}")
-        bgr = self._small_bgr(frame_rgb)
-        self._feed(index, bgr)
+        self._feed(index, small_bgr)
         self._last_index = index
-        self._recent.append(bgr)
+        self._recent.append(small_bgr)
         del self._recent[:-3]
+
+    def push(self, index: int, frame_rgb: np.ndarray) -> None:
+        """Feed frame ``index`` (0-based, strictly increasing) as an (H, W, 3) uint8 RGB array."""
+        self.push_bgr(index, self._small_bgr(frame_rgb))
 
     def finish(self) -> list[int]:
         """Flush the detector's look-behind and return the sorted frames where new scenes start (never 0)."""

@@ -13,12 +13,13 @@ class DecodeConfig:
     """[decode]: the one downscaled frame stream every per-clip stage shares."""
 
     max_side: int = 384          # longer side of the analysis frames handed to scorers and models
-    decode_max_side: int = 768   # sources larger than this are scaled inside the decoder first
     analysis_fps: float = 4.0    # frames kept per second for sharpness / overlay (scene cut sees every frame)
     motion_fps: float = 2.0      # optical flow runs on this subset
     model_fps: float = 1.0       # frames per second handed to watermark / aesthetic models
     model_frames_max: int = 8    # cap on frames per clip sent to model stages (captioner picks from these)
-    backend: str = "auto"        # auto | decord | pyav
+    # auto/pyav: one PyAV pass that feeds the scene detector from the YUV planes and converts only the
+    # kept frames (fastest here); decord: decord's RGB frames for everything (plain CFR H.264/HEVC mp4 only)
+    backend: str = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)
