@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,66 +103,90 @@ def analyze_video(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
         return _reject(uri, video_id, "probe", err)
 
     fps = info.fps if info.fps and info.fps > 0 else 1.0
-    detector = None if info.is_image else CutDetector(scenecut, fps)
-    kept: list[np.ndarray] = []
-    kept_index: list[int] = []
+    if info.is_image:
+        try:
+            stream = media.open_frames(path, info, max_side=decode.max_side)
+            frames = np.stack([f for _, f in stream])                         # (1, h, w, 3)
+        except media.MediaError as err:
+            return _reject(uri, video_id, "decode", err)
+        clip = _score_clip(info, video_id, 0, 1, fps, frames, np.zeros(1), decode, prefilter)
+        return _video_result(uri, info, probe_s, stream.decoder, 1, [], None, [clip])
+
     step = max(fps / decode.analysis_fps, 1.0)
 
     def keep(i: int) -> bool:  # about analysis_fps frames per second, the first frame always
         return i == 0 or int(i // step) != int((i - 1) // step)
 
+    detector = CutDetector(scenecut, fps)
+    # A scene is final once the cut after it is reported, so its clips are scored in a worker thread while
+    # the decode goes on (OpenCV and NumPy release the GIL); only the open scene's frames stay in memory.
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+    futures: list[Future] = []
+    buf: list[tuple[int, np.ndarray]] = []
+    scene_start = 0
+    reported = 0
+
+    def close_scene(end: int) -> None:
+        nonlocal scene_start, buf
+        scene = [(i, f) for i, f in buf if i < end]
+        buf = [(i, f) for i, f in buf if i >= end]
+        for s, e in clip_spans([], end - scene_start, fps, scenecut):
+            s, e = s + scene_start, e + scene_start
+            futures.append(pool.submit(_score_span, info, video_id, s, e, fps, scene, decode, prefilter))
+        scene_start = end
+
     n_decoded = 0
-    decoder = "pillow" if info.is_image else decode.backend
     try:
-        if info.is_image or decode.backend == "decord":
-            stream = media.open_frames(path, info, max_side=decode.max_side, backend="auto" if info.is_image else "decord")
-            for index, frame in stream:
-                n_decoded += 1
-                if detector is not None:
-                    detector.push(index, frame)
-                if keep(index):
-                    kept.append(frame)
-                    kept_index.append(index)
-            decoder = stream.decoder
+        if decode.backend == "decord":
+            source = ((i, None, f) for i, f in media.open_frames(path, info, max_side=decode.max_side, backend="decord"))
         else:
-            decoder = "pyav"
-            for index, small, frame in media.iter_analysis(path, info, detect_width=scenecut.detect_width,
-                                                           max_side=decode.max_side, keep=keep):
-                n_decoded += 1
+            source = media.iter_analysis(path, info, detect_width=scenecut.detect_width, max_side=decode.max_side, keep=keep)
+        for index, small, frame in source:
+            n_decoded += 1
+            if small is None:
+                detector.push(index, frame)
+                frame = frame if keep(index) else None
+            else:
                 detector.push_bgr(index, small)
-                if frame is not None:
-                    kept.append(frame)
-                    kept_index.append(index)
-        cuts = detector.finish() if detector is not None else []
+            if frame is not None:
+                buf.append((index, frame))
+            cuts = detector.cuts_so_far
+            while reported < len(cuts):
+                if scene_start < cuts[reported] < info.frames:
+                    close_scene(cuts[reported])
+                reported += 1
+        cuts = detector.finish()
+        for c in cuts:  # the ones the end-of-stream flush released
+            if c > scene_start:
+                close_scene(c)
+        close_scene(n_decoded)
+        clips = [f.result() for f in futures]
     except media.MediaError as err:
         return _reject(uri, video_id, "decode", err)
-    if n_decoded == 0:
-        return _reject(uri, video_id, "decode", media.DecodeError(f"{uri}: expected at least one decodable frame, got none"))
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return _video_result(uri, info, probe_s, "pyav" if decode.backend != "decord" else "decord", n_decoded, cuts,
+                         detector.name, clips)
 
-    n_frames = max(n_decoded, 1)
-    if info.is_image:
-        spans = [(0, 1)]
-    else:
-        spans = clip_spans(cuts, n_frames, fps, scenecut)
 
-    frames_all = np.stack(kept)                     # (K, h, w, 3) uint8
-    index_all = np.asarray(kept_index)
-    clips = []
-    for start, end in spans:
-        sel = np.nonzero((index_all >= start) & (index_all < end))[0]
-        if len(sel) == 0:  # span narrower than the analysis step: take the nearest kept frame
-            sel = np.asarray([int(np.argmin(np.abs(index_all - (start + end) / 2)))])
-        frames = frames_all[sel]
-        times = (index_all[sel] - start) / fps
-        clips.append(_score_clip(info, video_id, start, end, fps, frames, times, decode, prefilter))
+def _score_span(info, video_id, start, end, fps, scene, decode: DecodeConfig, prefilter: PrefilterConfig) -> ClipResult:
+    index = np.asarray([i for i, _ in scene])
+    sel = [k for k, i in enumerate(index) if start <= i < end]
+    if not sel:  # a span narrower than the analysis step: the nearest kept frame stands for it
+        sel = [int(np.argmin(np.abs(index - (start + end) / 2)))]
+    frames = np.stack([scene[k][1] for k in sel])   # (K, h, w, 3) uint8
+    times = (index[sel] - start) / fps
+    return _score_clip(info, video_id, start, end, fps, frames, times, decode, prefilter)
 
+
+def _video_result(uri, info, probe_s, decoder, n_decoded, cuts, detector_name, clips) -> VideoResult:
     row = info.to_row()
     row.update(
         probe_seconds=probe_s,
         decoder=decoder,
-        frames=int(n_decoded) if not info.is_image else 1,
+        frames=int(n_decoded),
         cut_frames=[int(c) for c in cuts],
-        cut_detector=None if detector is None else detector.name,
+        cut_detector=detector_name,
         num_clips=len(clips),
     )
     return VideoResult(uri=uri, video=row, clips=clips)

@@ -125,6 +125,11 @@ class CutDetector:
         for tc in self._detector.process_frame(FrameTimecode(index, self.fps), bgr):
             self._cuts.append(tc.frame_num)
 
+    @property
+    def cuts_so_far(self) -> list[int]:
+        """Cuts reported so far. A reported cut is final; later ones only come after it."""
+        return self._cuts
+
     def push_bgr(self, index: int, small_bgr: np.ndarray) -> None:
         """Feed frame ``index`` already reduced to about ``detect_width`` wide, in BGR (the decode path
         that builds it straight from the YUV planes skips a full-size RGB conversion)."""
