@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -114,41 +112,15 @@ def test_shipped_config_loads():
     assert load_section(job.RayConfig, job.DEFAULT_CONFIG, "ray") == job.RayConfig()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _ray(*args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    exe = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-    return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.mark.slow
-def test_ray_job_submit_writes_the_same_shards(catalog, tmp_path):
+def test_ray_job_submit_writes_the_same_shards(catalog, tmp_path, submit_job):
     where = "aesthetic_mean >= 5.0"
     out = tmp_path / "shards"
-    port, dash = _free_port(), _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
-    tmp_ray = Path("/tmp") / f"rays{os.getpid()}"  # Ray's socket paths must stay short
-    started = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                   "--include-dashboard=true", f"--temp-dir={tmp_ray}", "--disable-usage-stats",
-                   env=env, timeout=180)
-    assert started.returncode == 0, started.stderr[-3000:]
-    try:
-        sub = _ray("job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-                   "--", "python", "-m", "jobs.shards", "--catalog", str(catalog), "--where", where,
-                   "--output", str(out), "--config", str(catalog.parent / "shards.toml"),
-                   env=env, timeout=600)
-        assert sub.returncode == 0, (sub.stdout + sub.stderr)[-5000:]
-        assert "shards: wrote" in sub.stdout
-        assert "ray: connected to" in sub.stdout  # the job used the cluster it was submitted to
-    finally:
-        _ray("stop", "--force", env=env, timeout=120)
-        shutil.rmtree(tmp_ray, ignore_errors=True)
+    sub = submit_job("python", "-m", "jobs.shards", "--catalog", str(catalog), "--where", where,
+                     "--output", str(out), "--config", str(catalog.parent / "shards.toml"), timeout=600)
+    assert sub.returncode == 0, (sub.stdout + sub.stderr)[-5000:]
+    assert "shards: wrote" in sub.stdout
+    assert "ray: connected to" in sub.stdout  # the job used the cluster it was submitted to
     _check_output(catalog, out, where)
 
 
