@@ -46,7 +46,7 @@ def make_clip(path: Path, seconds: float, w: int = 640, h: int = 360, fps: int =
                 img[(xx - cx) ** 2 + (yy - by) ** 2 < (br + 8) ** 2] = 255 - col
             # Film grain keeps the bitrate near real 360p web video (~1 Mbit/s); a clean synthetic clip
             # compresses 5x smaller and decodes 2-3x faster than anything a curation run will see.
-            img = np.clip(img + rng.normal(0, 6, img.shape[:2])[..., None], 0, 255).astype(np.uint8)
+            img = np.clip(img + rng.normal(0, 5, img.shape[:2])[..., None], 0, 255).astype(np.uint8)
             for p in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 out.mux(p)
         for p in s.encode():
