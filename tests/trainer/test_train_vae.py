@@ -103,11 +103,13 @@ def test_init_from_without_a_checkpoint_raises(tiny_shards: Path, tmp_path: Path
 
 
 # Held-out PSNR gain the trained tiny model (EMA weights) must reach over the same model untrained.
-# Measured here: untrained 11.1 dB; after 300 steps 13.0 dB (EMA) / 13.5 dB (raw); the raw model's
-# held-out PSNR still swings by ~1 dB between nearby steps this early, hence EMA. Seeds are fixed, so
-# the run is the same every time on a given machine. The gain is modest: the tiny model learns the
-# training clips much faster than it generalises to unseen ones (train L1 0.33 -> 0.16).
-LEARNING_MARGIN_DB = 1.5
+# Measured here (1 thread): untrained 17.7 dB (the pixel <-> latent shortcut alone already passes each
+# latent cell's mean colour through); after 300 steps 23.9 dB (EMA) / 23.7 dB (raw), a gain of 6.2 dB;
+# the EMA gain is >= 5.5 dB at every evaluation from step 100 on. Seeds are fixed, so the run is the same
+# every time on a given machine; the margin leaves ~1.7 dB of headroom. Before the shortcut and the
+# latent-conditioned decoder norms the model memorised the 8 training clips' colours (train 26 dB,
+# held-out 13-15 dB) and gained under 2 dB.
+LEARNING_MARGIN_DB = 4.5
 
 
 @pytest.mark.slow

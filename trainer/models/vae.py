@@ -1,7 +1,8 @@
 """3D causal VAE in the shape of the CogVideoX VAE (DESIGN.md section 5).
 
-Read top to bottom: causal convolution -> per-frame GroupNorm -> residual block -> time/space
-down- and upsampling -> encoder -> decoder -> the VAE with chunked, tiled encode/decode.
+Read top to bottom: causal convolution -> per-frame GroupNorm -> latent-conditioned SpatialNorm
+(decoder) -> residual block -> time/space down- and upsampling -> pixel <-> latent shortcut ->
+encoder -> decoder -> the VAE with chunked, tiled encode/decode.
 
 Causality. Every temporal operation looks only backwards: convolutions pad time with copies of
 the first frame (or, for a later chunk, with the last frames of the previous chunk, carried in an
@@ -57,6 +58,10 @@ class VAEConfig:
     """Spatial tile in pixels for encode()/decode() of large frames; 0 disables tiling."""
     tile_overlap: int = 32
     """Overlap between spatial tiles in pixels (blended linearly)."""
+    shortcut: bool = True
+    """Parameter-free pixel <-> latent shortcut (see ``pixels_to_latent``): the encoder adds each latent
+    cell's mean colour to the posterior mean and the decoder adds the latent's colour back, so the
+    network learns only the residual."""
 
     def __post_init__(self) -> None:
         if len(self.channels) < 1:
@@ -145,19 +150,76 @@ class FrameGroupNorm(nn.GroupNorm):
         return y.reshape(b, t, c, h, w).transpose(1, 2)  # (B, C, T, H, W)
 
 
-class VAEResBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, groups: int) -> None:
+def expand_latent(z: torch.Tensor, frames: int, height: int, width: int, first_chunk: bool) -> torch.Tensor:
+    """Nearest-neighbour resample of a latent chunk (B, C, t, h, w) to (B, C, frames, height, width).
+
+    Time follows the causal layout: in the first chunk latent frame 0 stands for pixel frame 0 alone
+    and every later latent frame for the next ``r`` frames; later chunks are ``r`` frames per latent.
+    A chunk therefore only ever sees its own latents, so chunked decode equals one-shot decode.
+    """
+    t = z.shape[2]
+    if first_chunk:
+        r = (frames - 1) // (t - 1) if t > 1 else 1
+        if 1 + r * (t - 1) != frames:
+            raise ValueError(f"expand_latent: {t} latent frames cannot cover {frames} frames of a first chunk")
+        z = torch.cat([z[:, :, :1], z[:, :, 1:].repeat_interleave(r, dim=2)], dim=2)
+    else:
+        r = frames // t
+        if r * t != frames:
+            raise ValueError(f"expand_latent: {t} latent frames cannot cover {frames} frames of a later chunk")
+        z = z.repeat_interleave(r, dim=2)
+    sh, sw = height // z.shape[3], width // z.shape[4]
+    return z.repeat_interleave(sh, dim=3).repeat_interleave(sw, dim=4)  # (B, C, frames, height, width)
+
+
+class SpatialNorm(nn.Module):
+    """Per-frame GroupNorm whose scale and shift come from the latent (CogVideoX's SpatialNorm3D).
+
+    ``norm(f) * conv_y(z) + conv_b(z)`` with 1x1x1 convolutions of the latent, resampled to the
+    feature's size. GroupNorm throws away each frame's mean and scale per group, so a plain-GroupNorm
+    decoder has to rebuild absolute brightness and colour from relative patterns; the shift path hands
+    the latent's low frequencies to every decoder layer. The 1x1 convolutions run at latent resolution
+    and are resampled afterwards (the same as resampling first: a 1x1 conv commutes with repetition).
+    """
+
+    def __init__(self, channels: int, latent_channels: int, groups: int) -> None:
         super().__init__()
-        self.norm1 = FrameGroupNorm(groups, in_channels, eps=1e-6)
+        self.norm = FrameGroupNorm(groups, channels, eps=1e-6)
+        self.conv_y = nn.Conv3d(latent_channels, channels, 1)
+        self.conv_b = nn.Conv3d(latent_channels, channels, 1)
+
+    def forward(self, f: torch.Tensor, cond: tuple[torch.Tensor, bool]) -> torch.Tensor:
+        # f: (B, C, T, H, W); cond: latent chunk (B, latent, t, h, w) and whether it starts the clip
+        z, first_chunk = cond
+        _, _, t, h, w = f.shape
+        scale = expand_latent(self.conv_y(z), t, h, w, first_chunk)  # (B, C, T, H, W)
+        shift = expand_latent(self.conv_b(z), t, h, w, first_chunk)  # (B, C, T, H, W)
+        return self.norm(f) * scale + shift
+
+
+class VAEResBlock(nn.Module):
+    """Pre-norm residual block of two causal 3x3x3 convolutions.
+
+    With ``latent_channels`` (decoder blocks) both norms are SpatialNorm conditioned on the latent,
+    passed to ``forward`` as ``cond``; otherwise plain per-frame GroupNorm (encoder blocks).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, groups: int, latent_channels: int = 0) -> None:
+        super().__init__()
+        self.conditioned = latent_channels > 0
+        self.norm1 = SpatialNorm(in_channels, latent_channels, groups) if self.conditioned else FrameGroupNorm(groups, in_channels, eps=1e-6)
         self.conv1 = CausalConv3d(in_channels, out_channels)
-        self.norm2 = FrameGroupNorm(groups, out_channels, eps=1e-6)
+        self.norm2 = SpatialNorm(out_channels, latent_channels, groups) if self.conditioned else FrameGroupNorm(groups, out_channels, eps=1e-6)
         self.conv2 = CausalConv3d(out_channels, out_channels)
         self.skip = nn.Conv3d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
+    def _norm(self, norm: nn.Module, x: torch.Tensor, cond: tuple[torch.Tensor, bool] | None) -> torch.Tensor:
+        return norm(x, cond) if self.conditioned else norm(x)
+
+    def forward(self, x: torch.Tensor, cache: Cache, cond: tuple[torch.Tensor, bool] | None = None) -> tuple[torch.Tensor, Cache]:
         cache = cache or {}
-        h, c1 = self.conv1(F.silu(self.norm1(x)), cache.get("conv1"))
-        h, c2 = self.conv2(F.silu(self.norm2(h)), cache.get("conv2"))
+        h, c1 = self.conv1(F.silu(self._norm(self.norm1, x, cond)), cache.get("conv1"))
+        h, c2 = self.conv2(F.silu(self._norm(self.norm2, h, cond)), cache.get("conv2"))
         return self.skip(x) + h, {"conv1": c1, "conv2": c2}
 
 
@@ -228,16 +290,43 @@ class _Stack(nn.Module):
         self.layers = nn.ModuleDict(dict(layers))
         self.checkpoint_blocks = False
 
-    def forward(self, x: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
+    def forward(self, x: torch.Tensor, cache: Cache, cond: tuple[torch.Tensor, bool] | None = None) -> tuple[torch.Tensor, Cache]:
         cache = cache or {}
         out: dict[str, Any] = {}
         for name in self.names:
             layer = self.layers[name]
-            if self.checkpoint_blocks and self.training and isinstance(layer, VAEResBlock):
-                x, out[name] = checkpoint(layer, x, cache.get(name), use_reentrant=False)
-            else:
+            if not isinstance(layer, VAEResBlock):
                 x, out[name] = layer(x, cache.get(name))
+            elif self.checkpoint_blocks and self.training:
+                x, out[name] = checkpoint(layer, x, cache.get(name), cond, use_reentrant=False)
+            else:
+                x, out[name] = layer(x, cache.get(name), cond)
         return x, out
+
+
+def pixels_to_latent(x: torch.Tensor, latent_channels: int, spatial: int, temporal: int, first_chunk: bool) -> torch.Tensor:
+    """Mean colour of every latent cell, (B, 3, T, H, W) -> (B, latent, t, H/s, W/s); channel k holds colour k % 3.
+
+    This is the residual-autoencoding shortcut of DC-AE (Chen et al. 2024), reduced to the
+    encoder and decoder ends: a non-parametric space/time-to-channel path that hands the latent its low
+    frequencies. Per-frame GroupNorm discards each frame's absolute brightness and colour, which
+    a small VAE then relearns slowly and per training clip (it memorises colours instead of encoding
+    them); with the shortcut the network only learns the residual. Time pools causally like the
+    encoder: frame 0 alone in the first chunk, then groups of ``temporal`` frames.
+    """
+    b, c, _, h, w = x.shape
+    head, rest = (x[:, :, :1], x[:, :, 1:]) if first_chunk else (x[:, :, :0], x)
+    rest = rest.reshape(b, c, rest.shape[2] // temporal, temporal, h, w).mean(dim=3)  # (B, 3, T/r, H, W)
+    y = torch.cat([head, rest], dim=2)
+    y = F.avg_pool3d(y, (1, spatial, spatial))  # (B, 3, t, H/s, W/s)
+    return y[:, [k % c for k in range(latent_channels)]]
+
+
+def latent_to_pixels(z: torch.Tensor, in_channels: int, frames: int, height: int, width: int, first_chunk: bool) -> torch.Tensor:
+    """The decoder end of the shortcut: colour c is the mean of latent channels k with k % 3 == c,
+    resampled like ``expand_latent``; (B, latent, t, h, w) -> (B, 3, frames, height, width)."""
+    colour = torch.stack([z[:, c::in_channels].mean(dim=1) for c in range(in_channels)], dim=1)  # (B, 3, t, h, w)
+    return expand_latent(colour, frames, height, width, first_chunk)
 
 
 class VAEEncoder(nn.Module):
@@ -261,19 +350,26 @@ class VAEEncoder(nn.Module):
         self.body = _Stack(layers)
         self.norm_out = FrameGroupNorm(cfg.norm_groups, c_in, eps=1e-6)
         self.conv_out = CausalConv3d(c_in, 2 * cfg.latent_channels)
+        self.cfg = cfg
 
     def forward(self, x: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
+        # x: (B, 3, T, H, W); a missing cache means this chunk starts the clip
+        first_chunk = cache is None
         cache = cache or {}
         h, body_cache = self.body(x, cache.get("body"))  # (B, C_top, T', H/8, W/8)
-        moments, out_cache = self.conv_out(F.silu(self.norm_out(h)), cache.get("conv_out"))
+        moments, out_cache = self.conv_out(F.silu(self.norm_out(h)), cache.get("conv_out"))  # (B, 2*latent, T', h, w)
+        if self.cfg.shortcut:
+            cfg = self.cfg
+            mean, logvar = moments.chunk(2, dim=1)
+            mean = mean + pixels_to_latent(x, cfg.latent_channels, cfg.spatial_factor, cfg.temporal_factor, first_chunk)
+            moments = torch.cat([mean, logvar], dim=1)
         return moments, {"body": body_cache, "conv_out": out_cache}
 
 
 class VAEDecoder(nn.Module):
     """(B, latent, T', h, w) -> (B, 3, T, 8h, 8w).
 
-    CogVideoX conditions the decoder norms on the latent (SpatialNorm3D); this decoder uses plain
-    per-frame GroupNorm, which keeps the block shared with the encoder.
+    As in CogVideoX, every norm is a SpatialNorm conditioned on the latent chunk being decoded.
     """
 
     def __init__(self, cfg: VAEConfig) -> None:
@@ -281,27 +377,33 @@ class VAEDecoder(nn.Module):
         ch = cfg.channels
         n = len(ch)
         c_in = ch[-1]
+        zc, groups = cfg.latent_channels, cfg.norm_groups
         layers: list[tuple[str, nn.Module]] = [
-            ("conv_in", CausalConv3d(cfg.latent_channels, c_in)),
-            ("mid_res0", VAEResBlock(c_in, c_in, cfg.norm_groups)),
-            ("mid_res1", VAEResBlock(c_in, c_in, cfg.norm_groups)),
+            ("conv_in", CausalConv3d(zc, c_in)),
+            ("mid_res0", VAEResBlock(c_in, c_in, groups, zc)),
+            ("mid_res1", VAEResBlock(c_in, c_in, groups, zc)),
         ]
         for level in reversed(range(n)):
             c_out = ch[level]
             for i in range(cfg.num_res_blocks + 1):
-                layers.append((f"up{level}_res{i}", VAEResBlock(c_in, c_out, cfg.norm_groups)))
+                layers.append((f"up{level}_res{i}", VAEResBlock(c_in, c_out, groups, zc)))
                 c_in = c_out
             if level > 0:
                 # Mirror of the encoder: the upsampler above encoder level L-1 undoes its time halving.
                 layers.append((f"up{level}_sample", VAEUpsample(c_in, level - 1 < cfg.temporal_down_levels)))
         self.body = _Stack(layers)
-        self.norm_out = FrameGroupNorm(cfg.norm_groups, c_in, eps=1e-6)
+        self.norm_out = SpatialNorm(c_in, zc, groups)
         self.conv_out = CausalConv3d(c_in, cfg.in_channels)
+        self.cfg = cfg
 
     def forward(self, z: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, Cache]:
+        # z: (B, latent, t, h, w); a missing cache means this chunk starts the clip
+        cond = (z, cache is None)
         cache = cache or {}
-        h, body_cache = self.body(z, cache.get("body"))  # (B, C0, T, H, W)
-        x, out_cache = self.conv_out(F.silu(self.norm_out(h)), cache.get("conv_out"))
+        h, body_cache = self.body(z, cache.get("body"), cond)  # (B, C0, T, H, W)
+        x, out_cache = self.conv_out(F.silu(self.norm_out(h, cond)), cache.get("conv_out"))  # (B, 3, T, H, W)
+        if self.cfg.shortcut:
+            x = x + latent_to_pixels(z, self.cfg.in_channels, *x.shape[2:], first_chunk=cond[1])
         return x, {"body": body_cache, "conv_out": out_cache}
 
 
@@ -484,10 +586,14 @@ __all__ = [
     "VAE_PRESETS",
     "CausalConv3d",
     "CausalVAE",
+    "SpatialNorm",
     "VAEConfig",
+    "expand_latent",
     "kl_divergence",
     "latent_frames",
+    "latent_to_pixels",
     "num_params",
+    "pixels_to_latent",
     "psnr",
     "tiled_apply",
     "time_chunks",

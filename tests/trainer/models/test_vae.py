@@ -10,7 +10,9 @@ from trainer.models.vae import (
     CausalConv3d,
     CausalVAE,
     latent_frames,
+    latent_to_pixels,
     num_params,
+    pixels_to_latent,
     tiled_apply,
     time_chunks,
     vae_config,
@@ -53,8 +55,7 @@ def test_cogvideox_preset_matches_published_shape() -> None:
     assert cfg.spatial_factor == 8 and cfg.temporal_factor == 4
     model = CausalVAE(cfg)
     assert sum(isinstance(m, torch.nn.GroupNorm) and m.num_groups == 32 for m in model.modules()) > 20
-    # The published CogVideoX VAE has ~215M parameters (our decoder uses plain GroupNorm instead of
-    # the latent-conditioned SpatialNorm, so a few hundred thousand fewer).
+    # The published CogVideoX VAE has ~215M parameters.
     assert 180e6 < num_params(model) < 230e6
 
 
@@ -95,6 +96,26 @@ def test_decoder_is_causal(tiny: CausalVAE) -> None:
         a, b = tiny.decode_latents(z, 0), tiny.decode_latents(z2, 0)
     # Latent j decodes to frames 4j-3..4j, so latents 0..2 fix frames 0..8.
     torch.testing.assert_close(b[:, :, :9], a[:, :, :9], rtol=0, atol=0)
+
+
+def test_shortcut_round_trip_gives_each_latent_cells_mean_colour() -> None:
+    """pixels -> latent -> pixels through the parameter-free shortcut alone is the mean colour of each
+    latent cell (frame 0 alone, then groups of 4 frames; 8x8 pixels), and a later chunk agrees."""
+    torch.manual_seed(7)
+    x = torch.rand(1, 3, 9, 16, 16) * 2 - 1
+    z = pixels_to_latent(x, 16, spatial=8, temporal=4, first_chunk=True)
+    assert z.shape == (1, 16, 3, 2, 2)
+    y = latent_to_pixels(z, 3, 9, 16, 16, first_chunk=True)
+    expected = torch.empty_like(x)
+    for t0, t1 in ((0, 1), (1, 5), (5, 9)):
+        for i in (0, 8):
+            for j in (0, 8):
+                cell = x[:, :, t0:t1, i : i + 8, j : j + 8]
+                expected[:, :, t0:t1, i : i + 8, j : j + 8] = cell.mean(dim=(2, 3, 4), keepdim=True)
+    torch.testing.assert_close(y, expected)
+    later = pixels_to_latent(x[:, :, 1:], 16, spatial=8, temporal=4, first_chunk=False)
+    torch.testing.assert_close(later, z[:, :, 1:])
+    torch.testing.assert_close(latent_to_pixels(later, 3, 8, 16, 16, first_chunk=False), y[:, :, 1:])
 
 
 def test_time_chunks_align_with_latents() -> None:
