@@ -25,13 +25,17 @@ class ModelConfig:
     """Latent frames per temporal chunk (0 = whole clip at once)."""
     checkpointing: str = "none"
     """Activation checkpointing: "none", "block" or "chunk"."""
+    shortcut: bool | None = None
+    """Pixel <-> latent mean-colour shortcut; None keeps the preset's choice (on for tiny, off for cogvideox)."""
 
     def __post_init__(self) -> None:
         if self.preset not in VAE_PRESETS:
             raise ValueError(f"ModelConfig.preset: expected one of {sorted(VAE_PRESETS)}, got {self.preset!r}")
 
     def vae(self) -> VAEConfig:
-        return vae_config(self.preset, chunk_latent_frames=self.chunk_latent_frames, checkpointing=self.checkpointing)
+        extra = {} if self.shortcut is None else {"shortcut": self.shortcut}
+        return vae_config(self.preset, chunk_latent_frames=self.chunk_latent_frames, checkpointing=self.checkpointing,
+                          **extra)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -53,6 +53,7 @@ def test_cogvideox_preset_matches_published_shape() -> None:
     assert cfg.channels == (128, 256, 256, 512)
     assert cfg.num_res_blocks == 3 and cfg.norm_groups == 32 and cfg.latent_channels == 16
     assert cfg.spatial_factor == 8 and cfg.temporal_factor == 4
+    assert cfg.shortcut is False  # our mean-colour shortcut is not part of the published model
     model = CausalVAE(cfg)
     assert sum(isinstance(m, torch.nn.GroupNorm) and m.num_groups == 32 for m in model.modules()) > 20
     # The published CogVideoX VAE has ~215M parameters.
