@@ -106,7 +106,6 @@ class PartWriter:
         self.scoring_hash = scoring_hash
         self.uris = uris
         self.pending: dict[str, dict[str, Any]] = {}
-        self.counts: Counter[str] = Counter()
         self.done = 0
 
     def marker(self, key: str) -> Path:
@@ -141,19 +140,12 @@ class PartWriter:
         uri = self.uris[key]
         if p["reject"] is not None:
             _atomic_write_table(_rows_for("rejects", [p["reject"]], self.run_id), self.parts / "rejects" / f"{key}.parquet")
-            self.counts["rejected_inputs"] += 1
             status = f"rejected at {p['reject']['stage']}: {p['reject']['error_class']}: {p['reject']['message']}"
         else:
             clips = sorted(p["clips"], key=lambda r: r["start_frame"])
             _atomic_write_table(_rows_for("clips", clips, self.run_id), self.parts / "clips" / f"{key}.parquet")
             _atomic_write_table(_rows_for("videos", [p["video"]], self.run_id), self.parts / "videos" / f"{key}.parquet")
             kept = sum(1 for c in clips if not c["reject_reasons"])
-            self.counts["videos"] += 1
-            self.counts["clips"] += len(clips)
-            self.counts["kept_clips"] += kept
-            for c in clips:
-                for r in c["reject_reasons"]:
-                    self.counts["reject:" + r.split(":")[0]] += 1
             status = f"{len(clips)} clips, {kept} kept"
         st = os.stat(uri)
         _atomic_write_text(json.dumps({"uri": uri, "scoring": self.scoring_hash, "size": st.st_size,
@@ -200,8 +192,9 @@ def consolidate(out: Path, uris: set[str]) -> dict[str, int]:
     rejects.sort(key=lambda r: (r["uri"], r["stage"]))
     for name, rows in (("videos", keep_videos), ("clips", clip_rows), ("rejects", rejects)):
         _atomic_write_table(pa.Table.from_pylist(rows, schema=schema.TABLES[name]), out / f"{name}.parquet")
+    reasons = Counter("reject:" + r.split(":")[0] for c in clip_rows for r in c["reject_reasons"])
     return {"videos": len(keep_videos), "clips": len(clip_rows), "rejects": len(rejects),
-            "kept_clips": sum(1 for c in clip_rows if not c["reject_reasons"])}
+            "kept_clips": sum(1 for c in clip_rows if not c["reject_reasons"]), **reasons}
 
 
 def _versions() -> dict[str, str]:
@@ -311,7 +304,6 @@ def curate(cfg: CurateConfig) -> RunSummary:
     counts = consolidate(out, set(uris))
     counts.update(inputs=len(uris), processed_now=len(todo), resumed_skipped=len(uris) - len(todo),
                   ignored_extension=len(ignored))
-    counts.update({k: v for k, v in writer.counts.items() if k.startswith("reject:")})
     wall = time.time() - t0
     run_row = {
         "run_id": run_id, "started_at": started, "finished_at": dt.datetime.now(dt.timezone.utc),

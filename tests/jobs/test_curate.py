@@ -129,6 +129,8 @@ def test_standins_are_named_in_the_output(sample_run):
     assert all(all(v.startswith("standin:") for _, v in c["models"]) for c in kept)
     counts = json.loads(run["counts"])
     assert counts["videos"] == len(sample_run["videos"]) and counts["rejects"] == len(sample_run["rejects"])
+    blurry = sum("blurry" in c["reject_reasons"] for c in sample_run["clips"])
+    assert blurry >= 1 and counts["reject:blurry"] == blurry
 
 
 def test_rerun_is_a_no_op_with_identical_tables(sample_run, tmp_path):
