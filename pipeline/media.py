@@ -606,20 +606,24 @@ def _decode_tolerant(container: av.container.InputContainer, stream: av.VideoStr
         return  # unreadable tail (truncated file): the caller's count check reports it
 
 
-def _iter_pyav(path: Path, info: MediaInfo, max_side: int | None) -> Iterator[tuple[int, np.ndarray]]:
-    size = _coded_target(info, max_side)
+def _counted_frames(path: Path, info: MediaInfo) -> Iterator[tuple[int, av.VideoFrame]]:
+    """``(index, frame)`` for the first ``info.frames`` decoded frames; DecodeError if the count differs."""
     produced = 0
     with _open_container(path) as container:
         stream = _video_stream(container, path)
         stream.thread_type = "AUTO"
         for frame in _decode_tolerant(container, stream):
-            if produced >= info.frames:
-                produced += 1
-                continue  # keep counting for the error message
-            yield produced, _frame_rgb(frame, size, info)
+            if produced < info.frames:  # past probe's count: keep counting for the error message
+                yield produced, frame
             produced += 1
     if produced != info.frames:
         raise DecodeError(f"expected {info.frames} frames (probe's count), PyAV decoded {produced}: {path}")
+
+
+def _iter_pyav(path: Path, info: MediaInfo, max_side: int | None) -> Iterator[tuple[int, np.ndarray]]:
+    size = _coded_target(info, max_side)
+    for index, frame in _counted_frames(path, info):
+        yield index, _frame_rgb(frame, size, info)
 
 
 def read_span(path: str | Path, info: MediaInfo, start: int, end: int, *,
@@ -734,32 +738,22 @@ def _analysis_frames(path: Path, info: MediaInfo, detect_width: int, size: tuple
     w, h = info.width, info.height
     dw = min(detect_width, w) // 4 * 4  # I420 at the small size needs sides divisible by 4 (even chroma rows)
     dsize = (max(4, dw), max(4, round(h * dw / w / 4) * 4))
-    produced = 0
-    with _open_container(path) as container:
-        stream = _video_stream(container, path)
-        stream.thread_type = "AUTO"
-        for frame in _decode_tolerant(container, stream):
-            if produced >= info.frames:
-                produced += 1
-                continue  # keep counting for the error message
-            kept = keep(produced)
-            if frame.format.name in _PLANAR_420 and frame.width == w and frame.height == h:
-                yuv = frame.to_ndarray()                                # (H*3/2, W) I420
-                y = yuv[:h]
-                u = yuv[h:h + h // 4].reshape(h // 2, w // 2)
-                v = yuv[h + h // 4:h + h // 2].reshape(h // 2, w // 2)
-                # Shrink the planes, repack as a small I420 image and convert that: the same BT.601
-                # video-range conversion swscale applies to the full frame, at 1/16 of the pixels.
-                cw, ch = dsize[0] // 2, dsize[1] // 2
-                small = np.concatenate([_shrink_plane(y, dsize), _shrink_plane(u, (cw, ch)).reshape(-1, dsize[0]),
-                                        _shrink_plane(v, (cw, ch)).reshape(-1, dsize[0])])
-                small = cv2.cvtColor(small, cv2.COLOR_YUV2BGR_I420)
-                rgb = _shrink_plane(_frame_rgb(frame, (w, h), info), size) if kept else None
-            else:
-                full = frame.to_ndarray(format="rgb24")                 # coded orientation
-                small = cv2.cvtColor(_shrink_plane(full, dsize), cv2.COLOR_RGB2BGR)
-                rgb = _shrink_plane(_to_display(full, info.rotation), size) if kept else None
-            yield produced, small, rgb
-            produced += 1
-    if produced != info.frames:
-        raise DecodeError(f"expected {info.frames} frames (probe's count), PyAV decoded {produced}: {path}")
+    for index, frame in _counted_frames(path, info):
+        kept = keep(index)
+        if frame.format.name in _PLANAR_420 and frame.width == w and frame.height == h:
+            yuv = frame.to_ndarray()                                # (H*3/2, W) I420
+            y = yuv[:h]
+            u = yuv[h:h + h // 4].reshape(h // 2, w // 2)
+            v = yuv[h + h // 4:h + h // 2].reshape(h // 2, w // 2)
+            # Shrink the planes, repack as a small I420 image and convert that: the same BT.601
+            # video-range conversion swscale applies to the full frame, at 1/16 of the pixels.
+            cw, ch = dsize[0] // 2, dsize[1] // 2
+            small = np.concatenate([_shrink_plane(y, dsize), _shrink_plane(u, (cw, ch)).reshape(-1, dsize[0]),
+                                    _shrink_plane(v, (cw, ch)).reshape(-1, dsize[0])])
+            small = cv2.cvtColor(small, cv2.COLOR_YUV2BGR_I420)
+            rgb = _shrink_plane(_frame_rgb(frame, (w, h), info), size) if kept else None
+        else:
+            full = frame.to_ndarray(format="rgb24")                 # coded orientation
+            small = cv2.cvtColor(_shrink_plane(full, dsize), cv2.COLOR_RGB2BGR)
+            rgb = _shrink_plane(_to_display(full, info.rotation), size) if kept else None
+        yield index, small, rgb

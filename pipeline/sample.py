@@ -268,11 +268,15 @@ def _still(rng: np.random.Generator) -> np.ndarray:
 
 
 def encode_h264(frames: list[np.ndarray], fps: int = FPS, *, options: dict[str, str] | None = None) -> bytes:
-    """MP4 bytes of RGB uint8 frames, encoded by single-threaded libx264 (byte-identical run to run)."""
+    """MP4 bytes of RGB uint8 frames, encoded by single-threaded libx264 (byte-identical run to run).
+
+    ``options`` are added to the defaults; mbtree stays off unless overridden, since with it x264 reads
+    uninitialised memory and the bytes change from run to run even on one thread.
+    """
     h, w = frames[0].shape[:2]
     buf = io.BytesIO()
     with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps, options=dict(options or _X264_OPTIONS))
+        stream = container.add_stream("libx264", rate=fps, options={**_X264_OPTIONS, **(options or {})})
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.codec_context.thread_count = 1
         for rgb in frames:

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import json
 import random
-from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import torch
 from torch import nn
@@ -29,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
+
+from pipeline.sample import encode_h264
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -108,19 +108,9 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 8) -> Path:
-    """(T, H, W, 3) uint8 -> H.264 mp4 (single-threaded x264, byte-identical run to run)."""
+    """(T, H, W, 3) uint8 -> H.264 mp4 (byte-identical run to run, see pipeline.sample.encode_h264)."""
     path = Path(path)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"write_video: expected (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")
-    with av.open(str(path), mode="w") as out:
-        stream = out.add_stream("libx264", rate=Fraction(fps))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.thread_count = 1
-        stream.options = {"crf": "18"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
+    path.write_bytes(encode_h264(list(frames), fps, options={"crf": "18"}))
     return path

@@ -11,13 +11,12 @@ import io
 import json
 import os
 import tarfile
-from fractions import Fraction
 from pathlib import Path
 
-import av
 import numpy as np
 from PIL import Image
 
+from pipeline.sample import encode_h264
 from trainer.data import parse_bucket
 
 
@@ -45,20 +44,8 @@ def synthetic_clip(seed: int, frames: int, height: int, width: int, blobs: int =
 
 
 def encode_mp4(frames: np.ndarray, fps: int = 8) -> bytes:
-    """(T, H, W, 3) uint8 -> H.264 mp4 bytes; single-threaded x264 is byte-identical run to run."""
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=Fraction(fps))
-        stream.width, stream.height = frames.shape[2], frames.shape[1]
-        stream.pix_fmt = "yuv420p"
-        stream.thread_count = 1
-        stream.options = {"crf": "12"}
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return buf.getvalue()
+    """(T, H, W, 3) uint8 -> H.264 mp4 bytes, byte-identical run to run (see pipeline.sample.encode_h264)."""
+    return encode_h264(list(frames), fps, options={"crf": "12"})
 
 
 def encode_jpg(image: np.ndarray) -> bytes:
