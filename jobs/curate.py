@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipeline.config import ConfigError
+from catalog.config import ConfigError
 from pipeline.settings import CurateConfig
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.buckets import BucketConfig, BucketConfigError
-from pipeline.config import ConfigError, load_section
+from catalog.config import ConfigError, load_section
 from pipeline.shards import OutputConflictError, PlannedClip, RenderResult, ShardConfig, render_clip
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "shards.toml"

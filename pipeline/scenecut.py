@@ -18,7 +18,7 @@ import numpy as np
 from scenedetect import FrameTimecode
 from scenedetect.detectors import AdaptiveDetector, ContentDetector
 
-from pipeline.config import ConfigError
+from catalog.config import ConfigError
 
 DETECTORS = ("adaptive", "content")
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ConfigError, from_dict, load_toml
+from catalog.config import ConfigError, from_dict, load_toml
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -2,7 +2,7 @@
 
 ``[model]`` ModelConfig, ``[data]`` trainer.data.DataConfig, ``[optim]`` OptimConfig,
 ``[loss]`` trainer.losses.LossConfig, ``[train]`` TrainConfig, ``[ray]`` RayConfig.
-Unknown keys raise (pipeline/config.py), naming the key.
+Unknown keys and wrong types raise (catalog/config.py), naming the key.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import from_dict, load_toml
+from catalog.config import from_dict, load_toml
 from trainer.data import DataConfig
 from trainer.losses import LossConfig
 from trainer.models.vae import VAE_PRESETS, VAEConfig, vae_config

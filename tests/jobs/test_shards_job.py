@@ -104,7 +104,7 @@ def test_unknown_config_key_is_named(catalog, tmp_path, capsys):
 
 def test_shipped_config_loads():
     from pipeline.buckets import BucketConfig
-    from pipeline.config import load_section
+    from catalog.config import load_section
     from pipeline.shards import ShardConfig
 
     assert load_section(BucketConfig, job.DEFAULT_CONFIG, "buckets") == BucketConfig()

@@ -14,7 +14,7 @@ from pipeline.buckets import (
     fillable_frames,
     source_frame_indices,
 )
-from pipeline.config import ConfigError, from_dict
+from catalog.config import ConfigError, from_dict
 
 CFG = BucketConfig()
 

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError, from_dict
+from catalog.config import ConfigError, from_dict
 from pipeline.scenecut import CutDetector, SceneCutConfig, clip_spans, detect_cuts
 
 MEDIA = Path(__file__).resolve().parents[2] / ".." / "shared" / "media"

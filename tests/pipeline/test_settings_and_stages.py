@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from catalog import schema
-from pipeline.config import ConfigError
+from catalog.config import ConfigError
 from pipeline.settings import CurateConfig
 from pipeline.stages import ANALYZE_OUTPUTS, STAGES, get_stage
 

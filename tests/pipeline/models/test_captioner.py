@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.config import ConfigError, load_section
+from catalog.config import ConfigError, load_section
 from pipeline.models import ModelLoadError
 from pipeline.models.captioner import (
     CaptionConfig,
