@@ -7,7 +7,6 @@ import io
 import json
 import socket
 import threading
-import time
 from collections import Counter
 from typing import Callable
 
@@ -17,8 +16,13 @@ from PIL import Image
 
 from pipeline.models.captioner import CaptionConfig, CaptionError, load_captioner
 
-# behaviour(request_json, attempt_for_this_clip) -> (status, response_json, delay_s)
-Behaviour = Callable[[dict, int], tuple[int, dict, float]]
+# behaviour(request_json, attempt_for_this_clip) -> (status, response_json). A behaviour that must hold its
+# reply waits on the server's events (FakeServer.wait_for_replies, FakeServer.released), never on a clock.
+Behaviour = Callable[[dict, int], tuple[int, dict]]
+
+# Upper bound on any wait inside the fake server: long enough that it never triggers on a loaded machine,
+# finite so that a broken test fails instead of hanging the suite.
+WAIT_S = 120.0
 
 
 def _decode_images(body: dict) -> list[np.ndarray]:
@@ -45,21 +49,22 @@ def completion(text: str) -> dict:
     }
 
 
-def describe(body: dict, attempt: int) -> tuple[int, dict, float]:
-    grey = _grey(body)
-    # Darker clips answer later, so with concurrency the replies arrive out of submission order.
-    return 200, completion(f"grey {grey} with {len(_decode_images(body))} frames"), max(0.0, (200 - grey) / 1000)
+def describe(body: dict, attempt: int) -> tuple[int, dict]:
+    return 200, completion(f"grey {_grey(body)} with {len(_decode_images(body))} frames")
 
 
 class FakeServer:
-    """Records every request; answers with ``behaviour``. Loopback only, daemon threads, bounded sleeps."""
+    """Records every request; answers with ``behaviour``. Loopback only, daemon threads, no sleeps: a reply that
+    must wait waits on an event (another reply sent, or the test releasing it)."""
 
     def __init__(self) -> None:
         self.behaviour: Behaviour = describe
         self.requests: list[dict] = []
         self.attempts: Counter[int] = Counter()
         self.replied: list[int] = []  # grey level of each reply, in the order they were sent
+        self.released = threading.Event()  # set on close: lets every held reply go
         self._lock = threading.Lock()
+        self._reply_sent = threading.Condition(self._lock)
         outer = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -70,16 +75,16 @@ class FakeServer:
                     key = _grey(body)
                     outer.attempts[key] += 1
                     attempt = outer.attempts[key]
-                status, payload, delay = outer.behaviour(body, attempt)
-                time.sleep(min(delay, 2.0))
+                status, payload = outer.behaviour(body, attempt)
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
                 self.wfile.write(data)
-                with outer._lock:
+                with outer._reply_sent:
                     outer.replied.append(key)
+                    outer._reply_sent.notify_all()
 
             def log_message(self, *args) -> None:
                 pass
@@ -95,7 +100,13 @@ class FakeServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
 
+    def wait_for_replies(self, n: int) -> bool:
+        """Block until ``n`` replies have been sent (False if that never happened within WAIT_S)."""
+        with self._reply_sent:
+            return self._reply_sent.wait_for(lambda: len(self.replied) >= n, timeout=WAIT_S)
+
     def close(self) -> None:
+        self.released.set()
         self.httpd.shutdown()
         self.httpd.server_close()
         self._thread.join(timeout=5)
@@ -153,16 +164,15 @@ def test_captions_map_back_to_their_clips_in_order(server):
     levels = [20, 180, 60, 140, 100, 40]
 
     def first_clip_answers_last(body, attempt):
-        if _grey(body) == 20:
-            for _ in range(200):  # bounded: at most 2 s
-                if len(server.replied) >= len(levels) - 1:
-                    break
-                time.sleep(0.01)
+        if _grey(body) == 20:  # the first clip submitted is held until every other clip has its reply
+            server.wait_for_replies(len(levels) - 1)
         return describe(body, attempt)
 
     server.behaviour = first_clip_answers_last
     clips = [grey_clip(level, n=1 + i % 3) for i, level in enumerate(levels)]
-    results = load_captioner(config(server)).caption(clips)
+    # concurrency 4 < 6 clips: the held request occupies one client thread while the other three serve the
+    # rest; the generous timeout keeps the held request from being retried on a loaded machine.
+    results = load_captioner(config(server, timeout_s=WAIT_S, retries=0)).caption(clips)
     assert [r.caption for r in results] == [f"grey {level} with {1 + i % 3} frames" for i, level in enumerate(levels)]
     assert server.replied[-1] == 20, "the first clip's reply must have come last for this test to mean anything"
     assert load_captioner(config(server)).caption([]) == []
@@ -171,7 +181,7 @@ def test_captions_map_back_to_their_clips_in_order(server):
 def test_503_is_retried_until_it_succeeds(server):
     def busy_twice(body, attempt):
         if attempt <= 2:
-            return 503, {"object": "error", "message": "server overloaded"}, 0.0
+            return 503, {"object": "error", "message": "server overloaded"}
         return describe(body, attempt)
 
     server.behaviour = busy_twice
@@ -181,7 +191,7 @@ def test_503_is_retried_until_it_succeeds(server):
 
 
 def test_503_after_the_last_retry_is_an_error_with_the_server_message(server):
-    server.behaviour = lambda body, attempt: (503, {"object": "error", "message": "server overloaded"}, 0.0)
+    server.behaviour = lambda body, attempt: (503, {"object": "error", "message": "server overloaded"})
     with pytest.raises(CaptionError, match=r"clip 0: .*failed after 2 attempts; last: HTTP 503: server overloaded") as info:
         load_captioner(config(server, retries=1)).caption([grey_clip(80)])
     assert info.value.index == 0
@@ -189,21 +199,25 @@ def test_503_after_the_last_retry_is_an_error_with_the_server_message(server):
 
 
 def test_client_errors_are_not_retried(server):
-    server.behaviour = lambda body, attempt: (400, {"error": {"message": "too many images in prompt"}}, 0.0)
+    server.behaviour = lambda body, attempt: (400, {"error": {"message": "too many images in prompt"}})
     with pytest.raises(CaptionError, match="refused the request: HTTP 400: too many images in prompt"):
         load_captioner(config(server)).caption([grey_clip(80)])
     assert server.attempts == {80: 1}
 
 
 def test_a_hung_request_times_out_with_a_clear_error(server):
-    server.behaviour = lambda body, attempt: (200, completion("too late"), 1.5)
+    def never_in_time(body, attempt):
+        server.released.wait(WAIT_S)  # answers only once the test is over
+        return 200, completion("too late")
+
+    server.behaviour = never_in_time
     with pytest.raises(CaptionError, match=r"failed after 2 attempts; last: no response within timeout_s=0.2"):
         load_captioner(config(server, timeout_s=0.2, retries=1)).caption([grey_clip(80)])
     assert server.attempts == {80: 2}
 
 
 def test_malformed_response_is_an_error(server):
-    server.behaviour = lambda body, attempt: (200, {"choices": []}, 0.0)
+    server.behaviour = lambda body, attempt: (200, {"choices": []})
     with pytest.raises(CaptionError, match="expected a chat completion with choices"):
         load_captioner(config(server)).caption([grey_clip(80)])
 
