@@ -18,8 +18,8 @@ from pathlib import Path
 import av
 import numpy as np
 
+from catalog.shards import encode_h264
 from pipeline.media import open_frames, probe
-from pipeline.sample import encode_h264
 
 DEFAULT = Path(__file__).resolve().parents[1] / ".." / "shared" / "media" / "bottle-detection.mp4"
 

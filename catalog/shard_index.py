@@ -1,11 +1,14 @@
 """The catalog side of the shard job: select clips by SQL, and record which clip went into which tar.
 
-``select_clips`` reads through a read-only connection; ``register_output`` writes the ``shards`` and
-``shard_samples`` rows (catalog.schema SHARDS / SHARD_SAMPLES) of one shard output folder, replacing
-that folder's earlier rows in one transaction, so registering the same output twice changes nothing.
+``select_clips`` reads through a read-only connection; ``read_output_index`` reads a finished shard
+folder (its manifest and tars, in the ``catalog.shards`` format) into ``shards`` / ``shard_samples``
+rows (catalog.schema SHARDS / SHARD_SAMPLES); ``register_output`` writes them, replacing that folder's
+earlier rows in one transaction, so registering the same output twice changes nothing.
 """
 from __future__ import annotations
 
+import json
+import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,7 @@ import duckdb
 
 from catalog import schema
 from catalog.db import append_rows, open_catalog
-from pipeline.shards import read_output_index
+from catalog.shards import MANIFEST, META_KEY, SampleShapeError, read_manifest
 
 
 class SelectionError(ValueError):
@@ -45,6 +48,37 @@ def select_clips(db_path: str | Path, where: str) -> list[dict[str, Any]]:
         return [dict(zip(names, r)) for r in rows]
     finally:
         con.close()
+
+
+def read_output_index(out_dir: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(shards rows, shard_samples rows) of a finished output, read from its manifest and tars."""
+    out_dir = Path(out_dir).resolve()
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        raise FileNotFoundError(f"{out_dir / MANIFEST} not found: expected a finished shard output")
+    shard_rows, sample_rows = [], []
+    suffix = f".{META_KEY}"
+    for name, b in sorted(manifest["buckets"].items()):
+        for s in b["shards"]:
+            n = 0
+            with tarfile.open(out_dir / s["shard"]) as tar:
+                for member in tar:
+                    if not member.name.endswith(suffix):
+                        continue
+                    meta = json.load(tar.extractfile(member))
+                    sample_rows.append({
+                        "key": member.name[: -len(suffix)], "clip_id": meta["clip_id"], "video_id": meta["video_id"],
+                        "shard": s["shard"], "bucket": name, "output": str(out_dir),
+                    })
+                    n += 1
+            if n != s["samples"]:
+                raise SampleShapeError(f"{s['shard']}: manifest says {s['samples']} samples, the tar holds {n}")
+            shard_rows.append({
+                "shard": s["shard"], "bucket": name, "frames": b["frames"], "height": b["height"],
+                "width": b["width"], "fps": b["fps"], "num_samples": n, "bytes": s["bytes"],
+                "output": str(out_dir), "selection": manifest.get("where"),
+            })
+    return shard_rows, sample_rows
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,8 +18,8 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.buckets import BucketConfig, BucketConfigError
 from catalog.config import ConfigError, load_section
+from pipeline.buckets import BucketConfig, BucketConfigError
 from pipeline.shards import OutputConflictError, PlannedClip, RenderResult, ShardConfig, render_clip
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "shards.toml"

@@ -1,6 +1,8 @@
 """Bucket assignment for training shards: which frames × height × width a clip becomes.
 
-Pure: numbers in, a small frozen dataclass out. The rules (DESIGN.md §4 "Buckets"):
+Pure: numbers in, a small frozen dataclass out. The bucket contract itself (names, 4k+1 frames,
+sides multiples of 16, ``Bucket``) lives in ``catalog.shards``, shared with the trainer; this module
+is the curation side's choice of bucket for a clip. The rules (DESIGN.md §4 "Buckets"):
 
 - Frames are 4k+1 (the VAE compresses time 4× keeping the first frame apart); images are
   1-frame samples. A video clip goes to the *largest* frame bucket it can fill at the bucket
@@ -28,6 +30,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from catalog.shards import Bucket, BucketError, is_frame_count
+from catalog.shards import parse_size as parse_bucket_size
+
 # 256² tier and a 480×720-area tier (CogVideoX's training area), at 9:16, 3:4, 1:1, 4:3,
 # 16:9 and ~3:1; sides rounded to multiples of 16, so aspects are approximate.
 DEFAULT_RESOLUTIONS: tuple[str, ...] = (
@@ -36,7 +41,7 @@ DEFAULT_RESOLUTIONS: tuple[str, ...] = (
 )
 
 
-class BucketConfigError(ValueError):
+class BucketConfigError(BucketError):
     """A bucket table or frame list breaks the 4k+1 / multiple-of-16 rules."""
 
 
@@ -59,7 +64,7 @@ class BucketConfig:
         if not self.frames:
             raise BucketConfigError("buckets.frames: expected at least one frame count, got none")
         for f in self.frames:
-            if not isinstance(f, int) or f < 1 or (f - 1) % 4:
+            if not is_frame_count(f):
                 raise BucketConfigError(f"buckets.frames: expected counts of the form 4k+1 (1, 17, 49, ...), got {f!r}")
         if len(set(self.frames)) != len(self.frames):
             raise BucketConfigError(f"buckets.frames: expected distinct counts, got {list(self.frames)}")
@@ -83,31 +88,10 @@ class BucketConfig:
 
 def parse_size(text: str) -> tuple[int, int]:
     """"HxW" -> (height, width); both must be positive multiples of 16."""
-    parts = str(text).lower().split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise BucketConfigError(f"buckets.resolutions: expected 'HxW' like '256x256', got {text!r}")
-    h, w = (int(p) for p in parts)
-    if h <= 0 or w <= 0 or h % 16 or w % 16:
-        raise BucketConfigError(f"buckets.resolutions: expected height and width multiples of 16, got {text!r}")
-    return h, w
-
-
-@dataclass(frozen=True, slots=True)
-class Bucket:
-    """One training shape. ``fps`` is 0.0 for the image bucket (a still has no frame rate)."""
-
-    frames: int
-    height: int
-    width: int
-    fps: float
-
-    @property
-    def name(self) -> str:
-        return f"{self.frames}x{self.height}x{self.width}"
-
-    @property
-    def is_image(self) -> bool:
-        return self.frames == 1
+    try:
+        return parse_bucket_size(text)
+    except BucketError as err:
+        raise BucketConfigError(f"buckets.resolutions: {err}") from err
 
 
 def source_frame_indices(out_frames: int, src_fps: float, bucket_fps: float) -> np.ndarray:

@@ -2,7 +2,8 @@
 
 Every item is textured (sums of oriented gratings plus fine noise) so that focus and motion measures
 mean something, and only ``logo.mp4`` carries a static overlay. Files are encoded with single-threaded
-libx264, which gives the same bytes run to run, so the sample doubles as a regression fixture.
+libx264 (``catalog.shards.encode_h264``), which gives the same bytes run to run, so the sample doubles
+as a regression fixture.
 
 ``write_bad_inputs`` writes one file per way an input can be broken, for the rejects path.
 """
@@ -17,8 +18,8 @@ from pathlib import Path
 import av
 import cv2
 import numpy as np
-from PIL import Image
 
+from catalog.shards import encode_h264, encode_jpg
 from pipeline.media import (DecodeError, EmptyFileError, MediaError, NotMediaError, NoVideoStreamError,
                             UnsupportedSizeError)
 
@@ -30,9 +31,8 @@ LOGO_ALPHA = 0.55
 DEFOCUS_SIGMA = 3.0
 STATIC_NOISE_SIGMA = 1.0
 TRUTH_FILE = "sample_truth.json"
-# mbtree off: its SIMD code reads uninitialised memory here, so even single-threaded x264 gave
-# different bytes run to run on smooth (defocused) content whenever the heap held other garbage.
-_X264_OPTIONS = {"crf": "18", "preset": "veryfast", "g": "48", "x264-params": "mbtree=0"}
+# Added to catalog.shards.X264_DEFAULTS (crf 18, veryfast, mbtree off): a keyframe every 2 s.
+_X264_OPTIONS = {"g": "48"}
 
 
 @dataclass(frozen=True)
@@ -267,30 +267,6 @@ def _still(rng: np.random.Generator) -> np.ndarray:
 # encoding and writing
 
 
-def encode_h264(frames: list[np.ndarray], fps: int = FPS, *, options: dict[str, str] | None = None) -> bytes:
-    """MP4 bytes of RGB uint8 frames, encoded by single-threaded libx264 (byte-identical run to run).
-
-    ``options`` are added to the defaults; mbtree stays off unless overridden, since with it x264 reads
-    uninitialised memory and the bytes change from run to run even on one thread.
-    """
-    h, w = frames[0].shape[:2]
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps, options={**_X264_OPTIONS, **(options or {})})
-        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.codec_context.thread_count = 1
-        for rgb in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
-        container.mux(stream.encode())
-    return buf.getvalue()
-
-
-def _jpeg(rgb: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, format="JPEG", quality=92)
-    return buf.getvalue()
-
-
 def _write_if_changed(path: Path, data: bytes) -> None:
     """Write atomically unless the file already holds exactly these bytes (keeps mtimes for resumes)."""
     if path.exists() and path.stat().st_size == len(data) and path.read_bytes() == data:
@@ -315,7 +291,7 @@ def generate_sample(out_dir: str | Path, *, seed: int = 0) -> SampleTruth:
     blobs: list[tuple[str, bytes]] = []
 
     def add_video(name: str, kind: str, frames: list[np.ndarray], **truth) -> None:
-        blobs.append((name, encode_h264(frames)))
+        blobs.append((name, encode_h264(frames, FPS, options=_X264_OPTIONS)))
         items.append(SampleItem(file=name, kind=kind, width=WIDTH, height=HEIGHT, fps=float(FPS),
                                 frames=len(frames), **truth))
 
@@ -331,7 +307,7 @@ def generate_sample(out_dir: str | Path, *, seed: int = 0) -> SampleTruth:
     frames, truth = _moving(rng(4))
     add_video("moving.mp4", "moving", frames, **truth)
     still = _still(rng(5))
-    blobs.append(("still.jpg", _jpeg(still)))
+    blobs.append(("still.jpg", encode_jpg(still, quality=92)))
     items.append(SampleItem(file="still.jpg", kind="image", width=still.shape[1], height=still.shape[0],
                             fps=None, frames=1))
 
@@ -400,7 +376,7 @@ def write_bad_inputs(out_dir: str | Path) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(1234)
     frames = _pan_frames(_canvas_for(rng, 24, (2.0, 0.0), "warm"), 24, (2.0, 0.0))
-    good = encode_h264(frames)
+    good = encode_h264(frames, FPS, options=_X264_OPTIONS)
     tiny = [np.full((8, 8, 3), 40 + 8 * i, np.uint8) for i in range(24)]
     blobs = {
         "empty": ("empty.mp4", b""),
@@ -409,7 +385,7 @@ def write_bad_inputs(out_dir: str | Path) -> dict[str, Path]:
         "not_media": ("not_media.mp4", b"This is a text file, not a video.\n" * 20),
         "audio_only": ("audio_only.m4a", _aac_m4a()),
         "undecodable": ("undecodable.mp4", _zero_mdat(good)),
-        "too_small": ("too_small.mp4", encode_h264(tiny)),
+        "too_small": ("too_small.mp4", encode_h264(tiny, FPS, options=_X264_OPTIONS)),
     }
     paths = {}
     for key, (name, data) in blobs.items():

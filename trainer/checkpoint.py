@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from pipeline.sample import encode_h264
+from catalog.shards import encode_h264
 
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
@@ -108,7 +108,7 @@ def latest_checkpoint(root: str | Path) -> Path | None:
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: int = 8) -> Path:
-    """(T, H, W, 3) uint8 -> H.264 mp4 (byte-identical run to run, see pipeline.sample.encode_h264)."""
+    """(T, H, W, 3) uint8 -> H.264 mp4 (byte-identical run to run, see catalog.shards.encode_h264)."""
     path = Path(path)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"write_video: expected (T, H, W, 3) uint8, got {frames.shape} {frames.dtype}")

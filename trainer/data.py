@@ -1,7 +1,7 @@
 """Training batches from bucketed WebDataset shards.
 
-Shard layout (written by the curation pipeline): ``ROOT/<F>x<H>x<W>/shard-NNNNNN.tar`` with keys
-``mp4`` (H.264, exactly F frames of HxW) or ``jpg`` (an image, F = 1), ``txt`` and ``json``.
+Shard layout (``catalog.shards``, the format the curation pipeline writes): ``ROOT/<F>x<H>x<W>/shard-NNNNNN.tar``
+with keys ``mp4`` (H.264, exactly F frames of HxW) or ``jpg`` (an image, F = 1), ``txt`` and ``json``.
 
 Batching is one bucket per batch (the default collation needs equal shapes). Which bucket a step
 draws from is a pure function of (seed, step), so every data-parallel rank picks the same bucket
@@ -12,19 +12,17 @@ many samples before decoding anything.
 """
 from __future__ import annotations
 
-import io
 import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 import torch
 import webdataset as wds
-from PIL import Image
+
+from catalog.shards import bucket_shards, decode_pixels, parse_bucket
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -62,42 +60,9 @@ class DataConfig:
             raise ValueError("DataConfig: heldout_root is set but heldout_bucket is empty")
 
 
-def parse_bucket(name: str) -> tuple[int, int, int]:
-    """"17x256x256" -> (17, 256, 256)."""
-    parts = name.split("x")
-    if len(parts) != 3 or not all(p.isdigit() for p in parts):
-        raise ValueError(f"expected a bucket name like '17x256x256' (frames x height x width), got {name!r}")
-    f, h, w = (int(p) for p in parts)
-    return f, h, w
-
-
-def bucket_shards(root: str | Path, bucket: str) -> list[str]:
-    """Sorted tar paths of one bucket; raises when there are none."""
-    folder = Path(root) / bucket
-    urls = sorted(str(p) for p in folder.glob("*.tar"))
-    if not urls:
-        raise FileNotFoundError(f"no shards for bucket {bucket}: expected {folder}/*.tar")
-    return urls
-
-
 # ---------------------------------------------------------------------------------------------
 # Decoding one sample
 # ---------------------------------------------------------------------------------------------
-
-
-def decode_video(data: bytes) -> np.ndarray:
-    """H.264/any PyAV-readable bytes -> (T, H, W, 3) uint8 RGB."""
-    with av.open(io.BytesIO(data)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    if not frames:
-        raise ValueError("video sample decoded to zero frames")
-    return np.stack(frames)
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """JPEG/PNG bytes -> (1, H, W, 3) uint8 RGB."""
-    with Image.open(io.BytesIO(data)) as im:
-        return np.array(im.convert("RGB"))[None]
 
 
 def to_tensor(frames: np.ndarray) -> torch.Tensor:
@@ -114,13 +79,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 def decode_sample(sample: dict[str, Any], bucket: str) -> torch.Tensor:
     """A raw WebDataset sample -> (3, F, H, W); raises if it does not have the bucket's shape."""
-    if "mp4" in sample:
-        frames = decode_video(sample["mp4"])
-    elif "jpg" in sample:
-        frames = decode_image(sample["jpg"])
-    else:
-        keys = sorted(k for k in sample if not k.startswith("__"))
-        raise KeyError(f"sample {sample.get('__key__')}: expected an 'mp4' or 'jpg' member, got {keys}")
+    frames = decode_pixels(sample)  # (F, H, W, 3)
     expected = parse_bucket(bucket)
     if frames.shape[:3] != expected:
         raise ValueError(

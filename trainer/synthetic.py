@@ -1,23 +1,29 @@
 """Synthetic clips written as bucketed WebDataset shards, for smoke runs and tests of the trainer.
 
-Same layout and keys as the curation pipeline's shards (``ROOT/<F>x<H>x<W>/shard-NNNNNN.tar`` with
-``mp4`` or ``jpg``, ``txt``, ``json``; ``manifest.json`` at the root), so a trainer config can be tried
-before any real data is curated. Clips are smooth coloured blobs drifting over a gradient: learnable
-by a tiny VAE in a few hundred CPU steps, and different for every seed.
+Written in the one shard format (``catalog.shards``: layout, keys, tar writer, encoder, manifest), the
+same the curation pipeline writes, so a trainer config can be tried before any real data is curated.
+Clips are smooth coloured blobs drifting over a gradient: learnable by a tiny VAE in a few hundred
+CPU steps, and different for every seed.
 """
 from __future__ import annotations
 
-import io
-import json
-import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from pipeline.sample import encode_h264
-from trainer.data import parse_bucket
+from catalog.shards import (
+    IMAGE_KEY,
+    VIDEO_KEY,
+    Bucket,
+    BucketTarWriter,
+    ShardInfo,
+    encode_h264,
+    encode_jpg,
+    make_manifest,
+    parse_bucket,
+    sample_files,
+    write_manifest,
+)
 
 
 def synthetic_clip(seed: int, frames: int, height: int, width: int, blobs: int = 3) -> np.ndarray:
@@ -44,55 +50,45 @@ def synthetic_clip(seed: int, frames: int, height: int, width: int, blobs: int =
 
 
 def encode_mp4(frames: np.ndarray, fps: int = 8) -> bytes:
-    """(T, H, W, 3) uint8 -> H.264 mp4 bytes, byte-identical run to run (see pipeline.sample.encode_h264)."""
-    return encode_h264(list(frames), fps, options={"crf": "12"})
+    """(T, H, W, 3) uint8 -> H.264 mp4 bytes, byte-identical run to run (``catalog.shards.encode_h264``)."""
+    return encode_h264(frames, fps, options={"crf": "12"})
 
 
-def encode_jpg(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="JPEG", quality=95)
-    return buf.getvalue()
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = 0
-    tar.addfile(info, io.BytesIO(data))
-
-
-def write_bucket(root: str | Path, bucket: str, seeds: list[int], per_shard: int = 4, fps: int = 8) -> list[Path]:
-    """One synthetic sample per seed into ``root/bucket/shard-NNNNNN.tar``; returns the tar paths."""
+def synthetic_files(seed: int, bucket: str, fps: int = 8) -> dict[str, bytes]:
+    """The members of the synthetic sample for ``seed`` in ``bucket``."""
     frames, height, width = parse_bucket(bucket)
-    folder = Path(root) / bucket
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in range(0, len(seeds), per_shard):
-        path = folder / f"shard-{s // per_shard:06d}.tar"
-        tmp = path.with_suffix(".tar.tmp")
-        with tarfile.open(tmp, "w") as tar:
-            for seed in seeds[s : s + per_shard]:
-                clip = synthetic_clip(seed, frames, height, width)
-                key = f"synthetic{seed:08d}"
-                if frames == 1:
-                    _add(tar, f"{key}.jpg", encode_jpg(clip[0]))
-                else:
-                    _add(tar, f"{key}.mp4", encode_mp4(clip, fps))
-                _add(tar, f"{key}.txt", f"synthetic blobs, seed {seed}".encode())
-                meta = {"clip_id": key, "video_id": f"synthetic{seed}", "span": [0, frames], "fps": fps,
-                        "scores": {}, "bucket": bucket}
-                _add(tar, f"{key}.json", json.dumps(meta).encode())
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
+    clip = synthetic_clip(seed, frames, height, width)  # (F, H, W, 3)
+    if frames == 1:
+        ext, media = IMAGE_KEY, encode_jpg(clip[0], quality=95)
+    else:
+        ext, media = VIDEO_KEY, encode_mp4(clip, fps)
+    meta = {
+        "clip_id": f"synthetic{seed:08d}", "video_id": f"synthetic{seed}",
+        "span": {"start_frame": 0, "end_frame": frames, "start_s": 0.0, "end_s": frames / fps},
+        "fps": 0.0 if frames == 1 else float(fps), "frames": frames, "bucket": bucket, "scores": {},
+    }
+    return sample_files(ext, media, f"synthetic blobs, seed {seed}", meta)
 
 
-def write_synthetic_shards(root: str | Path, buckets: dict[str, list[int]], per_shard: int = 4) -> Path:
+def write_bucket(root: str | Path, bucket: str, seeds: list[int], per_shard: int = 4, fps: int = 8) -> list[ShardInfo]:
+    """One synthetic sample per seed into ``root/bucket/shard-NNNNNN.tar`` (``per_shard`` each)."""
+    writer = BucketTarWriter(root, bucket, maxcount=per_shard, maxsize=2**62)
+    try:
+        for seed in seeds:
+            writer.write(f"synthetic{seed:08d}", synthetic_files(seed, bucket, fps))
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.close()
+
+
+def write_synthetic_shards(root: str | Path, buckets: dict[str, list[int]], per_shard: int = 4, fps: int = 8) -> Path:
     """Shards for every ``bucket -> seeds`` entry plus ``manifest.json``; returns ``root``."""
     root = Path(root)
-    manifest = {"buckets": {}}
+    infos, shapes = [], {}
     for bucket, seeds in buckets.items():
-        paths = write_bucket(root, bucket, seeds, per_shard)
-        manifest["buckets"][bucket] = {"shards": [str(p.relative_to(root)) for p in paths], "samples": len(seeds)}
-    (root / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        f, h, w = parse_bucket(bucket)
+        shapes[bucket] = Bucket(f, h, w, 0.0 if f == 1 else float(fps))
+        infos += write_bucket(root, bucket, seeds, per_shard, fps)
+    write_manifest(root, make_manifest(infos, shapes, source="synthetic"))
     return root

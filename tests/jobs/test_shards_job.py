@@ -12,7 +12,7 @@ import webdataset as wds
 
 from catalog.db import open_catalog, register_run
 from jobs import shards as job
-from pipeline.shards import decode_jpg, decode_mp4
+from catalog.shards import decode_jpg, decode_mp4
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/shard_fixtures.py, shared by the shard tests
 from shard_fixtures import make_library, write_run

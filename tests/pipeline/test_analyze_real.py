@@ -7,8 +7,8 @@ import av
 import numpy as np
 import pytest
 
+from catalog.shards import encode_h264
 from pipeline.analyze import analyze_video
-from pipeline.sample import encode_h264
 from pipeline.scenecut import SceneCutConfig
 from pipeline.settings import DecodeConfig, PrefilterConfig
 

@@ -4,8 +4,9 @@ import math
 
 import pytest
 
+from catalog.config import ConfigError, from_dict
+from catalog.shards import Bucket
 from pipeline.buckets import (
-    Bucket,
     BucketConfig,
     BucketConfigError,
     assign_bucket,
@@ -14,7 +15,6 @@ from pipeline.buckets import (
     fillable_frames,
     source_frame_indices,
 )
-from catalog.config import ConfigError, from_dict
 
 CFG = BucketConfig()
 

@@ -12,9 +12,10 @@ import pytest
 from PIL import Image
 
 from catalog.schema import VIDEOS
+from catalog.shards import encode_h264
 from pipeline.media import (DecodeError, MediaError, NotMediaError, UnsupportedSizeError, content_hash,
                             open_frames, output_size, probe, read_span)
-from pipeline.sample import BAD_INPUT_ERRORS, encode_h264
+from pipeline.sample import BAD_INPUT_ERRORS
 
 # Real footage as its README describes it: (size, fps, duration s, has_audio, container, codec).
 REAL_VIDEOS = {
@@ -455,7 +456,7 @@ def test_truncated_and_fake_images(tmp_path, sample_dir):
 def test_undecodable_frames_fail_the_stream(bad_inputs, sample_dir, tmp_path):
     # Pretend probe passed (same geometry as the intact file): decoding must still refuse it.
     good = tmp_path / "good.mp4"
-    good.write_bytes(encode_h264(_marker_frames(24, 64, 32)))
+    good.write_bytes(encode_h264(_marker_frames(24, 64, 32), 24))
     info = replace(probe(good), uri=str(bad_inputs["undecodable"]))
     with pytest.raises(DecodeError, match="expected 24 frames"):
         _frames(bad_inputs["undecodable"], info, backend="pyav")

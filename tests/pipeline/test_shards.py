@@ -13,24 +13,19 @@ import pytest
 import webdataset as wds
 
 from catalog import schema
-from pipeline.buckets import Bucket, BucketConfig, crop_box
+from catalog.shard_index import read_output_index
+from catalog.shards import MANIFEST, Bucket, SampleShapeError, decode_jpg, decode_mp4, sample_key, verify_sample
+from pipeline.buckets import BucketConfig, crop_box
 from pipeline.shards import (
-    MANIFEST,
     SCORE_COLUMNS,
     OutputConflictError,
-    SampleShapeError,
     ShardConfig,
     build_shards,
     crop_resize,
-    decode_jpg,
-    decode_mp4,
     encode_mp4,
     plan_shards,
-    read_output_index,
     render_clip,
     render_serially,
-    sample_key,
-    verify_sample,
 )
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/shard_fixtures.py, shared by the shard tests
 from shard_fixtures import SMALL_BUCKETS, centre_code, code, disc_box, disc_frame, make_library

@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 import torch
 
+from catalog.shards import bucket_shards, decode_mp4, parse_bucket
 from trainer.data import (
     BucketBatches,
     DataConfig,
     bucket_for_step,
     bucket_pipeline,
-    bucket_shards,
     decode_sample,
-    decode_video,
     heldout_clips,
-    parse_bucket,
 )
 from trainer.synthetic import encode_mp4, synthetic_clip, write_synthetic_shards
 
@@ -37,7 +35,7 @@ def test_parse_bucket() -> None:
 
 def test_decode_video_returns_every_frame_close_to_the_source() -> None:
     clip = synthetic_clip(0, 17, 32, 48)
-    frames = decode_video(encode_mp4(clip))
+    frames = decode_mp4(encode_mp4(clip))
     assert frames.shape == (17, 32, 48, 3) and frames.dtype == np.uint8
     assert np.abs(frames.astype(int) - clip).mean() < 4  # H.264 at crf 12 on smooth content
 
