@@ -1,9 +1,13 @@
-"""Train one VAE stage on Ray Train.
+"""Train one stage (VAE today) on Ray Train.
 
     python -m jobs.train --config jobs/configs/vae_stage1.toml      # 17 frames at 256x256 + images
     python -m jobs.train --config jobs/configs/vae_stage2.toml      # 161 frames, from stage 1
     ray job submit --working-dir . -- python -m jobs.train --config jobs/configs/vae_stage1.toml \
         --workers 8 --gpus-per-worker 1
+
+The config's ``[stage] kind`` picks the trainer (``STAGES``; a file without ``[stage]`` is a VAE
+stage). Each trainer module has ``config_from_dict(data)`` (its frozen stage config, with
+``PATH_FIELDS``, ``ray`` and ``train.steps``) and ``train_loop_per_worker(config)`` (trainer/runtime.py).
 
 Re-running the same config (same [ray] name and storage_path) resumes from the run's latest
 checkpoint. Relative paths in the config are resolved against the current directory here, once,
@@ -13,12 +17,27 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+from catalog.config import load_toml
 from trainer.checkpoint import latest_checkpoint
-from trainer.config import VAEStageConfig, load_stage_config, stage_config_to_dict
+from trainer.config import stage_kind
+
+# [stage] kind -> the trainer module that runs it.
+STAGES = {"vae": "trainer.train_vae"}
+
+
+def load_stage(path: str | Path) -> Any:
+    """The frozen stage config of the TOML file at ``path``, built by the trainer its kind names."""
+    data = load_toml(path)
+    kind = stage_kind(data)
+    if kind not in STAGES:
+        raise ValueError(f"[stage] kind: expected one of {sorted(STAGES)}, got {kind!r}")
+    return importlib.import_module(STAGES[kind]).config_from_dict(data)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,29 +55,30 @@ def _abs(path: str) -> str:
     return str(Path(path).expanduser().resolve()) if path and "://" not in path else path
 
 
-def resolve(cfg: VAEStageConfig, args: argparse.Namespace) -> VAEStageConfig:
-    """Apply command-line overrides and make every path absolute."""
+def resolve(cfg: Any, args: argparse.Namespace) -> Any:
+    """Apply command-line overrides and make every path (the config's ``PATH_FIELDS``) absolute."""
     ray_cfg = dataclasses.replace(
         cfg.ray,
         workers=args.workers if args.workers is not None else cfg.ray.workers,
         gpus_per_worker=args.gpus_per_worker if args.gpus_per_worker is not None else cfg.ray.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker if args.cpus_per_worker is not None else cfg.ray.cpus_per_worker,
-        storage_path=_abs(cfg.ray.storage_path),
     )
-    data = dataclasses.replace(cfg.data, root=_abs(cfg.data.root), heldout_root=_abs(cfg.data.heldout_root))
-    train = dataclasses.replace(cfg.train, init_from=_abs(cfg.train.init_from),
-                                steps=args.steps if args.steps is not None else cfg.train.steps)
-    loss = dataclasses.replace(cfg.loss, perceptual_weights=_abs(cfg.loss.perceptual_weights))
-    return dataclasses.replace(cfg, ray=ray_cfg, data=data, train=train, loss=loss)
+    train = dataclasses.replace(cfg.train, steps=args.steps if args.steps is not None else cfg.train.steps)
+    cfg = dataclasses.replace(cfg, ray=ray_cfg, train=train)
+    for dotted in type(cfg).PATH_FIELDS:
+        section, name = dotted.split(".")
+        part = getattr(cfg, section)
+        part = dataclasses.replace(part, **{name: _abs(getattr(part, name))})
+        cfg = dataclasses.replace(cfg, **{section: part})
+    return cfg
 
 
-def build_trainer(cfg: VAEStageConfig):
+def build_trainer(cfg: Any):
     """A TorchTrainer for ``cfg``; resumes from the latest checkpoint of the same run if there is one."""
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainer.train_vae import train_loop_per_worker
-
+    train_loop_per_worker = importlib.import_module(STAGES[cfg.stage.kind]).train_loop_per_worker
     use_gpu = cfg.ray.gpus_per_worker > 0
     resources = {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": cfg.ray.gpus_per_worker} if use_gpu else {})
     previous = latest_checkpoint(Path(cfg.ray.storage_path) / cfg.ray.name) if "://" not in cfg.ray.storage_path else None
@@ -66,7 +86,7 @@ def build_trainer(cfg: VAEStageConfig):
         print(f"resuming {cfg.ray.name} from {previous}")
     # Ray Train v2 dropped resume_from_checkpoint: the loop gets the folder and loads it itself
     # (ray.train.get_checkpoint() still wins when Ray restarts workers inside this run).
-    loop_config = stage_config_to_dict(cfg) | {"_threads_per_worker": max(1, int(cfg.ray.cpus_per_worker)),
+    loop_config = dataclasses.asdict(cfg) | {"_threads_per_worker": max(1, int(cfg.ray.cpus_per_worker)),
                                                "_resume_from": str(previous) if previous is not None else ""}
     return TorchTrainer(
         train_loop_per_worker,
@@ -80,7 +100,7 @@ def build_trainer(cfg: VAEStageConfig):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    cfg = resolve(load_stage_config(args.config), args)
+    cfg = resolve(load_stage(args.config), args)
     import ray
 
     if not ray.is_initialized():

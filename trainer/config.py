@@ -1,7 +1,9 @@
 """Config sections of a VAE training stage (one TOML file per stage, one dataclass per section).
 
-``[model]`` ModelConfig, ``[data]`` trainer.data.DataConfig, ``[optim]`` OptimConfig,
-``[loss]`` trainer.losses.LossConfig, ``[train]`` TrainConfig, ``[ray]`` RayConfig.
+``[stage]`` StageConfig, ``[model]`` ModelConfig, ``[data]`` trainer.data.DataConfig, ``[optim]``
+OptimConfig, ``[loss]`` trainer.losses.LossConfig, ``[train]`` TrainConfig, ``[ray]`` RayConfig.
+``[stage] kind`` names the trainer that runs the file (jobs/train.py dispatches on it); a file
+without ``[stage]`` is a VAE stage, so every VAE config written before the key existed stays valid.
 Unknown keys and wrong types raise (catalog/config.py), naming the key.
 """
 from __future__ import annotations
@@ -9,12 +11,23 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from catalog.config import from_dict, load_toml
 from trainer.data import DataConfig
 from trainer.losses import LossConfig
 from trainer.models.vae import VAE_PRESETS, VAEConfig, vae_config
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StageConfig:
+    kind: str = "vae"
+    """Which training stage this file configures: "vae" (trainer.train_vae); later "dit"."""
+
+
+def stage_kind(data: dict[str, Any]) -> str:
+    """``[stage] kind`` of a stage file's parsed TOML; "vae" when the file has no ``[stage]``."""
+    return from_dict(StageConfig, data.get("stage", {}), where="stage").kind
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -102,12 +115,21 @@ class RayConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class VAEStageConfig:
+    stage: StageConfig = StageConfig()
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
     loss: LossConfig = LossConfig()
     train: TrainConfig = TrainConfig()
     ray: RayConfig = RayConfig()
+
+    PATH_FIELDS: ClassVar[tuple[str, ...]] = (
+        "data.root", "data.heldout_root", "train.init_from", "loss.perceptual_weights", "ray.storage_path")
+    """Dotted fields holding paths; jobs/train.py makes them absolute before handing the config to workers."""
+
+    def __post_init__(self) -> None:
+        if self.stage.kind != "vae":
+            raise ValueError(f"VAEStageConfig: expected [stage] kind = 'vae', got {self.stage.kind!r}")
 
 
 def load_stage_config(path: str | Path) -> VAEStageConfig:
@@ -125,6 +147,6 @@ def stage_config_to_dict(cfg: VAEStageConfig) -> dict[str, Any]:
 
 
 __all__ = [
-    "ModelConfig", "OptimConfig", "RayConfig", "TrainConfig", "VAEStageConfig",
-    "load_stage_config", "stage_config_from_dict", "stage_config_to_dict",
+    "ModelConfig", "OptimConfig", "RayConfig", "StageConfig", "TrainConfig", "VAEStageConfig",
+    "load_stage_config", "stage_config_from_dict", "stage_config_to_dict", "stage_kind",
 ]

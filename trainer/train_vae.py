@@ -3,39 +3,24 @@
 One stage of the two-stage CogVideoX recipe (17 frames at 256x256 with images, then 161 frames
 initialised from stage 1) is one TOML config (jobs/configs/vae_stage{1,2}.toml). The same loop runs
 in a single process (``LocalRun``, used by tests and quick experiments) and on Ray Train
-(``RayRun``, one process per GPU or CPU worker, DDP or FSDP2).
+(``RayRun``, one process per GPU or CPU worker, DDP or FSDP2). What is not VAE-specific (run
+contexts, wrapping, EMA, schedule, precision, seeds, reduction, checkpoint cycle) is trainer/runtime.py.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import math
-import random
-import tempfile
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 
-from trainer.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    load_optimizer_state,
-    model_state,
-    optimizer_state,
-    save_checkpoint,
-    set_rng_state,
-    write_video,
-)
-from trainer.config import OptimConfig, VAEStageConfig, stage_config_from_dict, stage_config_to_dict
+from trainer.checkpoint import write_video
+from trainer.config import VAEStageConfig, stage_config_to_dict
+from trainer.config import stage_config_from_dict as config_from_dict
 from trainer.data import BucketBatches, heldout_clips, to_uint8
 from trainer.losses import (
     LossConfig,
@@ -49,148 +34,37 @@ from trainer.losses import (
     recon_loss,
     time_window,
 )
+from trainer.metrics import MetricWindow
 from trainer.models.vae import CausalVAE, VAEResBlock, psnr
+from trainer.runtime import (
+    EMA,
+    LocalRun,
+    LRSchedule,
+    RunContext,
+    autocast_for,
+    find_resume,
+    load_init,
+    load_optimizer_state,
+    model_state,
+    optimizer_state,
+    rank_seed,
+    reduce_sum,
+    restore_rng,
+    run_worker,
+    save_and_report,
+    seed_everything,
+    set_lr,
+    unwrap,
+    wrap,
+)
 
-# ---------------------------------------------------------------------------------------------
-# Where the loop runs: a single process or a Ray Train worker
-# ---------------------------------------------------------------------------------------------
-
-
-class RunContext(Protocol):
-    rank: int
-    world_size: int
-    device: torch.device
-
-    def latest_checkpoint(self) -> Path | None: ...
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None: ...
-
-
-@dataclass
-class LocalRun:
-    """One process, no Ray: checkpoints go to ``out_dir/checkpoint_NNNNNN``; metrics are kept in memory
-    and appended to ``out_dir/metrics.jsonl``."""
-
-    out_dir: Path
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    history: list[dict[str, float]] = field(default_factory=list)
-
-    def latest_checkpoint(self) -> Path | None:
-        return latest_checkpoint(self.out_dir)
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        if checkpoint_dir is not None:
-            target = self.out_dir / f"checkpoint_{int(metrics['step']):06d}"
-            target.mkdir(exist_ok=True)
-            for f in checkpoint_dir.iterdir():
-                f.replace(target / f.name)
-        self.history.append(metrics)
-        with (self.out_dir / "metrics.jsonl").open("a") as fh:
-            fh.write(json.dumps(metrics) + "\n")
-
-
-class RayRun:
-    """Inside a Ray Train worker: rank/device from the train context, reporting via ray.train.report."""
-
-    def __init__(self, resume_from: str = "") -> None:
-        import ray.train
-        import ray.train.torch
-
-        ctx = ray.train.get_context()
-        self.rank = ctx.get_world_rank()
-        self.world_size = ctx.get_world_size()
-        self.device = ray.train.torch.get_device()
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self._latest = ray.train.get_checkpoint()
-        self._resume_from = Path(resume_from) if resume_from else None
-
-    def latest_checkpoint(self) -> Path | None:
-        if self._latest is None:
-            return self._resume_from
-        # Local storage: the checkpoint path is readable in place from every worker on this node.
-        path = Path(self._latest.path)
-        if path.is_dir():
-            return path
-        local = Path(tempfile.mkdtemp(prefix="vae_resume_"))
-        self._latest.to_directory(str(local))
-        return local
-
-    def report(self, metrics: dict[str, float], checkpoint_dir: Path | None) -> None:
-        import ray.train
-
-        checkpoint = ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
-        ray.train.report(metrics, checkpoint=checkpoint)
+__all__ = ["LocalRun", "autocast_for", "config_from_dict", "evaluate_psnr", "iter_metrics", "main",
+           "train_loop_per_worker", "train_step"]
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (lives in the package so workers can import it)."""
-    config = dict(config)
-    torch.set_num_threads(max(1, int(config.pop("_threads_per_worker", 1))))
-    resume_from = config.pop("_resume_from", "")
-    main(stage_config_from_dict(config), RayRun(resume_from))
-
-
-# ---------------------------------------------------------------------------------------------
-# Small helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def lr_at(step: int, oc: OptimConfig) -> float:
-    """Linear warm-up to ``lr`` over ``warmup_steps``, then constant."""
-    if oc.warmup_steps and step <= oc.warmup_steps:
-        return oc.lr * step / oc.warmup_steps
-    return oc.lr
-
-
-@torch.no_grad()
-def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-        full = p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shards are DTensors
-        e.lerp_(full.detach().to(e.dtype), 1.0 - decay)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, DDP) else model
-
-
-def wrap(model: nn.Module, strategy: str, device: torch.device, world_size: int) -> nn.Module:
-    """DDP, or FSDP2 with each residual block its own shard unit; unchanged in a single process."""
-    if world_size == 1:
-        return model
-    if strategy == "ddp":
-        return DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
-
-    for module in model.modules():
-        if isinstance(module, VAEResBlock):
-            fully_shard(module)
-    fully_shard(model)
-    return model
-
-
-def autocast_for(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA; fp32 on CPU, where bf16 is slower (DESIGN.md section 6)."""
-    if device.type == "cuda" and precision == "auto":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+    run_worker(config, config_from_dict, main)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,7 +157,7 @@ def evaluate_psnr(model: nn.Module, clips: list[torch.Tensor], total: int, run: 
             total_db += float(psnr(recon.float(), x).sum())
             count += 1
     model.train(was_training)
-    total_db, count = all_reduce_sum([total_db, count], run.device)
+    total_db, count = reduce_sum([total_db, count], run.device)
     return total_db / max(count, 1.0)
 
 
@@ -303,83 +177,69 @@ def write_recon(folder: Path, ema: nn.Module, clips: list[torch.Tensor], step: i
 
 def main(cfg: VAEStageConfig, run: RunContext) -> list[dict[str, float]]:
     """Train one VAE stage to ``cfg.train.steps``, resuming from the run's latest checkpoint."""
-    tc = cfg.train
-    seed_everything(tc.seed * 1000 + run.rank)
+    tc, oc = cfg.train, cfg.optim
+    seed_everything(rank_seed(tc.seed, run.rank))
     device = run.device
 
-    # Model, EMA, discriminator, perceptual loss.
+    # Model, discriminator, perceptual loss.
     model = CausalVAE(cfg.model.vae()).to(device)
     disc = PatchDiscriminator3D(channels=cfg.loss.disc_channels, layers=cfg.loss.disc_layers).to(device)
     perceptual = load_perceptual(cfg.loss.perceptual_weights)
     if perceptual is not None:
         perceptual = perceptual.to(device)
 
-    # Where to start: this run's latest checkpoint, else the previous stage's weights, else scratch.
-    start_step, position, resume, rng = 0, {}, None, None
-    ckpt = run.latest_checkpoint()
-    if ckpt is not None:
-        resume, rng = load_checkpoint(ckpt, rank=run.rank)
-        model.load_state_dict(resume["model"])
-        disc.load_state_dict(resume["disc"])
-        start_step, position = int(resume["step"]), dict(resume["data_position"])
-        print(f"[rank {run.rank}] resuming from {ckpt} at step {start_step}")
+    # Where to start: this run's latest checkpoint, else the previous stage's EMA weights, else scratch.
+    start_step, position = 0, {}
+    resume = find_resume(run)
+    if resume is not None:
+        model.load_state_dict(resume.state["model"])
+        disc.load_state_dict(resume.state["disc"])
+        start_step, position = resume.step, dict(resume.state["data_position"])
+        print(f"[rank {run.rank}] resuming from {resume.folder} at step {start_step}")
     elif tc.init_from:
-        init = latest_checkpoint(tc.init_from)
-        if init is None:
-            raise FileNotFoundError(f"train.init_from: expected a checkpoint under {tc.init_from}, found none")
-        init_state, _ = load_checkpoint(init, rank=0)
+        init, init_state = load_init(tc.init_from)
         model.load_state_dict(init_state["ema"])
         disc.load_state_dict(init_state["disc"])
         print(f"[rank {run.rank}] initialised from {init} (EMA weights of step {init_state['step']})")
-    ema = copy.deepcopy(model).requires_grad_(False).eval()
+    ema = EMA(model, tc.ema_decay)
     if resume is not None:
-        ema.load_state_dict(resume["ema"])
+        ema.load_state_dict(resume.state["ema"])
 
-    model = wrap(model, tc.strategy, device, run.world_size)
+    # Data parallelism (FSDP2 shard units: the residual blocks) and optimizers.
+    model = wrap(model, tc.strategy, device, run.world_size, shard_units=(VAEResBlock,))
     disc = wrap(disc, tc.strategy, device, run.world_size)
-    oc = cfg.optim
     opt = torch.optim.AdamW(model.parameters(), lr=oc.lr, betas=oc.betas, weight_decay=oc.weight_decay)
     opt_d = torch.optim.AdamW(disc.parameters(), lr=oc.disc_lr, betas=oc.betas, weight_decay=oc.weight_decay)
     if resume is not None:
-        load_optimizer_state(model, opt, resume["opt"])
-        load_optimizer_state(disc, opt_d, resume["opt_d"])
-    if rng is not None:
-        set_rng_state(rng)  # last, so nothing above consumes the restored stream
+        load_optimizer_state(model, opt, resume.state["opt"])
+        load_optimizer_state(disc, opt_d, resume.state["opt_d"])
 
     # Data.
     batches = BucketBatches(cfg.data, seed=tc.seed, rank=run.rank, world_size=run.world_size, position=position)
     heldout = heldout_clips(cfg.data, rank=run.rank, world_size=run.world_size)
     heldout_total = min(cfg.data.heldout_samples, len(heldout) * run.world_size) if heldout else 0
     autocast = autocast_for(device, tc.precision)
+    schedule = LRSchedule(peak=oc.lr, warmup_steps=oc.warmup_steps)
+    restore_rng(resume)  # last, so nothing above consumes the restored stream
 
     # Loop.
     model.train()
-    sums: dict[str, float] = {}
-    n_steps, n_samples, n_frames, t_last = 0, 0, 0, time.perf_counter()
+    window = MetricWindow()
     for step in range(start_step + 1, tc.steps + 1):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, oc)
-        bucket, x = batches.batch(step)
+        set_lr(opt, schedule(step))
+        bucket, x = batches.batch(step)  # x: (B, 3, T, H, W)
         x = x.to(device, non_blocking=True)
         parts = train_step(model, disc, perceptual, opt, opt_d, x, step, cfg.loss, oc.grad_clip, autocast)
-        update_ema(ema, model, tc.ema_decay)
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v
-        n_steps, n_samples, n_frames = n_steps + 1, n_samples + x.shape[0], n_frames + x.shape[0] * x.shape[2]
+        ema.update(model)
+        window.add(parts, samples=x.shape[0], frames=x.shape[0] * x.shape[2])
 
         last = step == tc.steps
         if step % tc.log_every and not last:
             continue
-        keys = sorted(sums)
-        reduced = all_reduce_sum([sums[k] for k in keys] + [n_samples, n_frames], device)
-        elapsed = time.perf_counter() - t_last
-        metrics = {k: v / (n_steps * run.world_size) for k, v in zip(keys, reduced[:-2], strict=True)}
-        metrics |= {"step": step, "lr": lr_at(step, oc), "bucket_frames": x.shape[2],
-                    "samples_per_s": reduced[-2] / elapsed, "frames_per_s": reduced[-1] / elapsed,
-                    "step_time_s": elapsed / n_steps}
+        metrics = window.reduce(device) | {"step": step, "lr": schedule(step), "bucket_frames": x.shape[2]}
         if heldout and (step % tc.eval_every == 0 or last):
             metrics["heldout_psnr"] = evaluate_psnr(model, heldout, heldout_total, run, autocast)
-            metrics["heldout_psnr_ema"] = evaluate_psnr(ema, heldout, heldout_total, run, autocast)
+            metrics["heldout_psnr_ema"] = evaluate_psnr(ema.module, heldout, heldout_total, run, autocast)
         if run.rank == 0:
             print(json.dumps({k: round(v, 5) if isinstance(v, float) else v for k, v in metrics.items()}))
 
@@ -391,14 +251,12 @@ def main(cfg: VAEStageConfig, run: RunContext) -> list[dict[str, float]]:
                 "ema": ema.state_dict(), "step": step, "data_position": dict(batches.position),
                 "config": stage_config_to_dict(cfg),
             }
-            with tempfile.TemporaryDirectory(prefix="vae_ckpt_") as tmp:
-                folder = save_checkpoint(tmp, rank=run.rank, step=step, state=state if run.rank == 0 else None)
-                if run.rank == 0 and step % tc.recon_every == 0 and heldout:
-                    write_recon(folder, ema, heldout, step, device)
-                run.report(metrics, folder)
+            with_recon = bool(heldout) and step % tc.recon_every == 0
+            save_and_report(run, step, metrics, state,
+                            extras=(lambda folder: write_recon(folder, ema.module, heldout, step, device))
+                            if with_recon else None)
         else:
             run.report(metrics, None)
-        sums, n_steps, n_samples, n_frames, t_last = {}, 0, 0, 0, time.perf_counter()
     return getattr(run, "history", [])
 
 

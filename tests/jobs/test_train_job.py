@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from jobs.train import main as train_job
-from jobs.train import parse_args, resolve
+from jobs.train import load_stage, parse_args, resolve
 from trainer.checkpoint import checkpoint_step, latest_checkpoint, load_checkpoint
 from trainer.config import load_stage_config
 from trainer.synthetic import write_synthetic_shards
@@ -33,6 +33,16 @@ def test_overrides_and_relative_paths(tmp_path: Path, monkeypatch: pytest.Monkey
     assert (cfg.ray.workers, cfg.ray.gpus_per_worker) == (8, 1.0)
     assert cfg.train.init_from == str(tmp_path / "runs/vae_stage1")
     assert cfg.data.root == str(tmp_path / "out/shards")
+
+
+def test_stage_kind_picks_the_trainer(tmp_path: Path) -> None:
+    assert load_stage(REPO / "jobs/configs/vae_stage1.toml").stage.kind == "vae"  # no [stage]: a VAE stage
+    cfg = tmp_path / "stage.toml"
+    cfg.write_text('[stage]\nkind = "vae"\n[train]\nsteps = 3\n')
+    assert load_stage(cfg).train.steps == 3
+    cfg.write_text('[stage]\nkind = "gan"\n')
+    with pytest.raises(ValueError, match=r"\[stage\] kind: expected one of \['vae'\], got 'gan'"):
+        load_stage(cfg)
 
 
 STAGE = """

@@ -1,8 +1,10 @@
-"""The VAE training loop in one process: helpers, resume, stage-2 initialisation, learning."""
+"""The VAE training loop in one process: config, resume, stage-2 initialisation, learning.
+
+The shared pieces (schedule, EMA, seeds, reduction, checkpoint cycle) are tested in test_runtime.py.
+"""
 from __future__ import annotations
 
 import contextlib
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,8 @@ from trainer.config import OptimConfig, stage_config_from_dict
 from trainer.data import heldout_clips
 from trainer.models.vae import CausalVAE
 from trainer.synthetic import write_synthetic_shards
-from trainer.train_vae import LocalRun, evaluate_psnr, lr_at, main, seed_everything, update_ema
+from trainer.runtime import LocalRun, rank_seed, seed_everything
+from trainer.train_vae import evaluate_psnr, main
 
 
 @pytest.fixture(scope="module")
@@ -38,28 +41,13 @@ def tiny_config(root: Path, **train: Any) -> Any:
     })
 
 
-def test_lr_at_warms_up_then_holds() -> None:
-    oc = OptimConfig(lr=1e-3, warmup_steps=10)
-    assert lr_at(1, oc) == pytest.approx(1e-4)
-    assert lr_at(10, oc) == pytest.approx(1e-3)
-    assert lr_at(5000, oc) == pytest.approx(1e-3)
-
-
-def test_update_ema_moves_towards_the_model() -> None:
-    model = torch.nn.Linear(2, 2)
-    ema = copy.deepcopy(model)
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    before = ema.weight.clone()
-    update_ema(ema, model, decay=0.75)
-    torch.testing.assert_close(ema.weight, before + 0.25)
-
-
 def test_config_validation_names_the_field() -> None:
     with pytest.raises(ValueError, match="recon_every=3 must be a multiple of ckpt_every=2"):
         stage_config_from_dict({"train": {"log_every": 1, "ckpt_every": 2, "recon_every": 3}})
     with pytest.raises(ValueError, match="unknown key"):
         stage_config_from_dict({"train": {"stepz": 3}})
+    with pytest.raises(ValueError, match="expected \\[stage\\] kind = 'vae', got 'dit'"):
+        stage_config_from_dict({"stage": {"kind": "dit"}})
 
 
 def test_resume_gives_the_same_losses_as_an_uninterrupted_run(tiny_shards: Path, tmp_path: Path) -> None:
@@ -127,7 +115,7 @@ def test_training_raises_heldout_psnr(tmp_path: Path) -> None:
                   "ema_decay": 0.95},
     })
     run = LocalRun(tmp_path / "run")
-    seed_everything(cfg.train.seed * 1000)  # the same initial weights main() draws
+    seed_everything(rank_seed(cfg.train.seed, 0))  # the same initial weights main() draws
     untrained = CausalVAE(cfg.model.vae())
     clips = heldout_clips(cfg.data, rank=0, world_size=1)
     before = evaluate_psnr(untrained, clips, len(clips), run, contextlib.nullcontext())
