@@ -7,8 +7,25 @@ counted once. ``open_frames`` streams every frame in display orientation; it use
 decord is known to be right (plain CFR MP4/MOV H.264/HEVC whose frame count agrees with PyAV's) and
 PyAV everywhere else. ``read_span`` seeks near a span so shard cutting never decodes a whole file.
 
+What a file is comes from its bytes, never its name: image signatures (JPEG, PNG, GIF, WebP, AVIF,
+HEIF, BMP, TIFF) go to Pillow, everything else to FFmpeg, and a file FFmpeg only sees as one still
+picture (a text file named ``.png``, an image format Pillow does not read) is a ``NotMediaError``, not
+a one-frame video. Every Pillow mode becomes 8-bit RGB the same way: 16-bit samples are scaled
+(``v / 257``), not clipped; alpha is composited "over" ``ALPHA_BACKGROUND`` (mid-gray); CMYK, palette,
+1-bit and YCbCr images are converted by Pillow. An animated GIF, PNG (APNG), WebP or AVIF is a short
+*video* (``is_image`` False, ``container`` ``image/<format>``) that Pillow decodes frame by frame: its
+frame durations give ``fps`` (a duration of 10 ms or less plays as 100 ms, as browsers do) and EXIF
+orientation is honoured for still images only.
+
+Odd sizes (an 853x480 VP9, a 161x121 MPEG-4) are decoded at their true size: 4:2:0 chroma planes of an
+odd side hold ``ceil(side / 2)`` samples, and no pixel is cropped. ``output_size`` is therefore odd
+for such a source when it is not downscaled.
+
 Every failure caused by the input itself raises a ``MediaError`` subclass whose message says what
-was expected and what came; the pipeline turns those into ``rejects`` rows.
+was expected and what came; the pipeline turns those into ``rejects`` rows. ``probe`` and every decode
+also turn anything else a decoder or library raises for one input (an ``AssertionError`` in PyAV, a
+``struct.error`` in a Pillow plugin, ...) into an ``UnexpectedMediaError`` naming the original class and
+message, so one input can never stop a run; only argument errors of the caller stay ``ValueError``.
 """
 from __future__ import annotations
 
@@ -55,7 +72,27 @@ _PROBE_DECODE_PACKETS = 300
 _IMAGE_MAGIC = (
     (b"\xff\xd8\xff", "jpeg"),
     (b"\x89PNG\r\n\x1a\n", "png"),
+    (b"GIF87a", "gif"),
+    (b"GIF89a", "gif"),
+    (b"II*\x00", "tiff"),
+    (b"MM\x00*", "tiff"),
 )
+# ISO-BMFF `ftyp` brands of still/animated images (MP4 and MOV files carry other brands).
+_AVIF_BRANDS = {b"avif", b"avis"}
+_HEIF_BRANDS = {b"heic", b"heix", b"heim", b"heis", b"hevc", b"hevx", b"mif1", b"msf1"}
+# BITMAPINFOHEADER sizes that follow a BMP's "BM": two letters alone are too weak a signature.
+_BMP_HEADER_SIZES = {12, 40, 52, 56, 64, 108, 124}
+_HEAD_BYTES = 64
+
+# Pillow modes ``_pil_rgb`` turns into 8-bit RGB (LAB and the rarer planar modes are refused at probe).
+_PIL_MODES = {"1", "L", "P", "RGB", "RGBA", "RGBa", "RGBX", "LA", "La", "PA", "CMYK", "YCbCr", "HSV",
+              "I", "I;16", "I;16L", "I;16B", "I;16N", "F"}
+# Transparent pixels are shown over mid-gray: neither black nor white, so a cut-out logo keeps its
+# contrast whichever way it was drawn, and sharpness/overlay scores see no artificial hard edge.
+ALPHA_BACKGROUND = (128, 128, 128)
+# Browsers play a GIF frame delay of 10 ms or less (often 0: "as fast as possible") as 100 ms.
+_MIN_FRAME_MS = 10
+_DEFAULT_FRAME_MS = 100
 # EXIF orientation -> clockwise degrees to display (mirrored variants keep their rotation part),
 # and the transpose that displays it (applied after downscaling, so on the small picture).
 _EXIF_ROTATION = {1: 0, 2: 0, 3: 180, 4: 180, 5: 90, 6: 90, 7: 270, 8: 270}
@@ -88,6 +125,30 @@ class DecodeError(MediaError):
 
 class UnsupportedSizeError(MediaError):
     """Absurd geometry or timing: side < 16 or > 16384 px, too many frames, non-positive fps."""
+
+
+class UnsupportedFormatError(NotMediaError):
+    """A recognised image format or pixel mode that the decoders here cannot read (HEIF without a plugin, LAB)."""
+
+
+class UnexpectedMediaError(MediaError):
+    """A decoder or library raised something other than a MediaError for this input; the message starts
+    with the original exception's class and message (the original is chained as ``__cause__``)."""
+
+
+def _unexpected(err: Exception, what: str, path: Path) -> UnexpectedMediaError:
+    return UnexpectedMediaError(f"{type(err).__name__}: {err} (expected {what} to succeed or raise a "
+                                f"MediaError): {path}")
+
+
+def _guarded(source: Iterator, what: str, path: Path) -> Iterator:
+    """``source``, with any non-MediaError it raises turned into an ``UnexpectedMediaError``."""
+    try:
+        yield from source
+    except MediaError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one input's failure, whatever its class, must stay that input's
+        raise _unexpected(e, what, path) from e
 
 
 def content_hash(path: str | Path) -> str:
@@ -149,28 +210,44 @@ def probe(path: str | Path, *, video_id: str | None = None) -> MediaInfo:
     """
     t0 = time.perf_counter()
     path = Path(path)
-    size = path.stat().st_size
-    if size == 0:
-        raise EmptyFileError(f"expected a video or image file, got 0 bytes: {path}")
-    with open(path, "rb") as f:
-        head = f.read(16)
-    if video_id is None:
-        video_id = content_hash(path)
-    image_format = _sniff_image(head)
-    if image_format is not None:
-        fields = _probe_image(path, image_format)
-    else:
-        fields = _probe_video(path)
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            raise EmptyFileError(f"expected a video or image file, got 0 bytes: {path}")
+        with open(path, "rb") as f:
+            head = f.read(_HEAD_BYTES)
+        if video_id is None:
+            video_id = content_hash(path)
+        image_format = _sniff_image(head)
+        if image_format is not None:
+            fields = _probe_image(path, image_format)
+        else:
+            fields = _probe_video(path, head)
+    except MediaError:
+        raise
+    except Exception as e:  # noqa: BLE001 - see _guarded
+        raise _unexpected(e, "probe", path) from e
     return MediaInfo(video_id=video_id, uri=str(path), bytes=size,
                      probe_seconds=time.perf_counter() - t0, **fields)
 
 
 def _sniff_image(head: bytes) -> str | None:
+    """The image format the first bytes announce, or None (a video container, or not media at all)."""
     for magic, name in _IMAGE_MAGIC:
         if head.startswith(magic):
             return name
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "webp"
+    if head[4:8] == b"ftyp":
+        # Major brand, then the compatible brands up to the end of the ftyp box.
+        box = min(int.from_bytes(head[:4], "big"), len(head))
+        brands = {head[8:12]} | {head[i:i + 4] for i in range(16, box - 3, 4)}
+        if brands & _AVIF_BRANDS:
+            return "avif"
+        if brands & _HEIF_BRANDS:
+            return "heif"
+    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES:
+        return "bmp"
     return None
 
 
@@ -194,17 +271,62 @@ def _probe_image(path: Path, image_format: str) -> dict:
             width, height = img.size
             orientation = img.getexif().get(0x0112, 1)  # EXIF Orientation
             _check_size(path, width, height)
-            img.load()  # a truncated or corrupt payload fails here, not later in a decode stage
+            if img.mode not in _PIL_MODES:
+                raise UnsupportedFormatError(f"expected an image in one of the Pillow modes {sorted(_PIL_MODES)}, "
+                                             f"got a {image_format} in mode {img.mode!r}: {path}")
+            frames = int(getattr(img, "n_frames", 1)) if getattr(img, "is_animated", False) else 1
+            if frames > MAX_FRAMES:
+                raise UnsupportedSizeError(f"expected at most {MAX_FRAMES} frames, got {frames}: {path}")
+            # Every frame is loaded: a truncated or corrupt payload fails here, not later in a decode stage.
+            durations = _frame_durations(img, frames) if frames > 1 else None
+            if durations is None:
+                img.load()
+    except MediaError:
+        raise
     except Image.DecompressionBombError as e:
         raise UnsupportedSizeError(f"expected at most {Image.MAX_IMAGE_PIXELS} pixels, Pillow said {e}: {path}") from e
-    except (OSError, SyntaxError, ValueError) as e:
+    except Image.UnidentifiedImageError as e:
+        if image_format == "heif":
+            raise UnsupportedFormatError(f"expected an image format Pillow here reads, got HEIF/HEIC (no HEIF "
+                                         f"decoder such as pillow-heif is installed): {path}") from e
+        raise NotMediaError(f"expected a readable {image_format} image, Pillow could not identify it: {path}") from e
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise NotMediaError(f"expected a readable {image_format} image, Pillow said {e!r}: {path}") from e
+    if durations is not None:
+        return _animated_fields(image_format, width, height, durations)
     rotation = _EXIF_ROTATION.get(int(orientation), 0)
     dw, dh = _display_geometry(width, height, rotation, 1.0)
     return dict(container=f"image/{image_format}", codec=image_format, width=width, height=height,
                 rotation=rotation, sample_aspect=1.0, display_width=dw, display_height=dh,
                 display_aspect=dw / dh, fps=None, fps_variable=False, frames=1, duration=0.0,
                 has_audio=False, is_image=True)
+
+
+def _frame_durations(img: Image.Image, frames: int) -> np.ndarray:
+    """Display time of each frame of an animated image in seconds, loading (so checking) every frame."""
+    ms = np.empty(frames)
+    for i in range(frames):
+        img.seek(i)
+        img.load()  # WebP reports a frame's duration once it is loaded
+        d = img.info.get("duration") or 0
+        ms[i] = _DEFAULT_FRAME_MS if d <= _MIN_FRAME_MS else d
+    return ms / 1000.0
+
+
+def _animated_fields(image_format: str, width: int, height: int, durations: np.ndarray) -> dict:
+    duration = float(durations.sum())
+    frames = len(durations)
+    step = float(np.median(durations))
+    fps_variable = bool((np.abs(durations - step) > _VFR_TOLERANCE * step).mean() > _VFR_MIN_SHARE)
+    return dict(container=f"image/{image_format}", codec=image_format, width=width, height=height,
+                rotation=0, sample_aspect=1.0, display_width=width, display_height=height,
+                display_aspect=width / height, fps=frames / duration, fps_variable=fps_variable,
+                frames=frames, duration=duration, has_audio=False, is_image=False)
+
+
+def _is_animated_image(info: MediaInfo) -> bool:
+    """An animated GIF/PNG/WebP/AVIF: a video that Pillow decodes."""
+    return not info.is_image and info.container.startswith("image/")
 
 
 def _open_container(path: Path) -> av.container.InputContainer:
@@ -300,7 +422,12 @@ def _first_frame(path: Path) -> av.VideoFrame:
     raise DecodeError(f"expected decodable video frames, none came from the first {packets} packets{detail}: {path}")
 
 
-def _probe_video(path: Path) -> dict:
+def _is_still_demuxer(format_name: str) -> bool:
+    # FFmpeg's image demuxers: image2 (chosen by a file's extension) and the per-format *_pipe probes.
+    return format_name == "image2" or format_name.endswith("_pipe")
+
+
+def _probe_video(path: Path, head: bytes) -> dict:
     container = _open_container(path)
     with container:
         stream = _video_stream(container, path)
@@ -308,6 +435,12 @@ def _probe_video(path: Path) -> dict:
         codec = cc.name
         width, height = cc.width, cc.height
         format_name = container.format.name
+        if _is_still_demuxer(format_name):
+            # Not one of the image signatures Pillow reads (checked before), so not an image we decode;
+            # and a still picture is not a one-frame video.
+            raise NotMediaError(
+                f"expected a video container or a JPEG/PNG/GIF/WebP/AVIF/BMP/TIFF image, got bytes starting "
+                f"{head[:12]!r} that FFmpeg reads only as a still {codec} picture ({format_name} demuxer): {path}")
         has_audio = len(container.streams.audio) > 0
         sar_raw = stream.sample_aspect_ratio or cc.sample_aspect_ratio
         time_base = stream.time_base
@@ -434,7 +567,7 @@ class FrameStream:
         self.max_side = max_side
         self.prefetch = prefetch
         self.width, self.height = output_size(info, max_side)
-        if info.is_image:
+        if info.is_image or _is_animated_image(info):
             self.decoder = "pillow"
         elif backend == "auto":
             self.decoder = "decord" if _decord_eligible(info) else "pyav"
@@ -445,14 +578,18 @@ class FrameStream:
         return self.info.frames
 
     def __iter__(self) -> Iterator[tuple[int, np.ndarray]]:
+        source = _guarded(self._decode(), "decoding", self.path)
         if not self.prefetch or self.info.is_image:
-            return self._decode()
+            return source
         depth = max(2, min(_PREFETCH_FRAMES, _PREFETCH_BYTES // (self.width * self.height * 3)))
-        return _prefetched(self._decode(), depth, name=f"decode {self.path.name}")
+        return _prefetched(source, depth, name=f"decode {self.path.name}")
 
     def _decode(self) -> Iterator[tuple[int, np.ndarray]]:
         if self.decoder == "pillow":
-            yield 0, _read_image(self.path, self.info, self.max_side)
+            if self.info.is_image:
+                yield 0, _read_image(self.path, self.info, self.max_side)
+            else:
+                yield from _iter_animated(self.path, self.info, output_size(self.info, self.max_side))
             return
         if self.decoder == "decord":
             produced = 0
@@ -551,15 +688,51 @@ def _read_image(path: Path, info: MediaInfo, max_side: int | None) -> np.ndarray
             orientation = int(img.getexif().get(0x0112, 1))
             if (w, h) != img.size:
                 img.draft("RGB", (w, h))  # JPEG: DCT-domain downscale by 1/2, 1/4, 1/8 while decoding
-            img = img.convert("RGB")
-            if img.size != (w, h):
-                img = img.resize((w, h), Image.Resampling.BICUBIC, reducing_gap=2.0)
-            transpose = _EXIF_TRANSPOSE.get(orientation)
-            if transpose is not None:
-                img = img.transpose(transpose)
-            return np.asarray(img, dtype=np.uint8).copy()
-    except (OSError, SyntaxError, ValueError) as e:
+            return _pil_array(img, (w, h), _EXIF_TRANSPOSE.get(orientation))
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DecodeError(f"expected a decodable image, Pillow said {e!r}: {path}") from e
+
+
+def _pil_rgb(img: Image.Image) -> Image.Image:
+    """Any mode in ``_PIL_MODES`` as 8-bit RGB: 16-bit samples scaled, alpha composited on ALPHA_BACKGROUND."""
+    mode = img.mode
+    if mode in ("I", "I;16", "I;16L", "I;16B", "I;16N"):
+        # Pillow's own convert clips these at 255 (a 16-bit scan turns white); scale 0..65535 to 0..255.
+        # Mode I comes from 16-bit PNG/TIFF grayscale here, so its range is 16-bit too.
+        wide = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), mode="L")
+        mode = "L"
+    if mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in img.info:
+        rgba = img.convert("RGBA")  # premultiplied modes are un-premultiplied, palette/tRNS keys expanded
+        canvas = Image.new("RGBA", rgba.size, (*ALPHA_BACKGROUND, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB")
+    return img if mode == "RGB" else img.convert("RGB")
+
+
+def _pil_array(img: Image.Image, size: tuple[int, int], transpose: Image.Transpose | None) -> np.ndarray:
+    """The current frame of ``img`` as (H, W, 3) uint8 RGB at coded-orientation ``size``, then transposed."""
+    img = _pil_rgb(img)
+    if img.size != size:
+        img = img.resize(size, Image.Resampling.BICUBIC, reducing_gap=2.0)
+    if transpose is not None:
+        img = img.transpose(transpose)
+    return np.asarray(img, dtype=np.uint8).copy()
+
+
+def _iter_animated(path: Path, info: MediaInfo, size: tuple[int, int], start: int = 0,
+                   end: int | None = None) -> Iterator[tuple[int, np.ndarray]]:
+    """Frames ``[start, end)`` of an animated image as ``(index, rgb)`` at ``size`` (composited by Pillow)."""
+    end = info.frames if end is None else end
+    try:
+        with Image.open(path) as img:
+            got = int(getattr(img, "n_frames", 1))
+            if got != info.frames:
+                raise DecodeError(f"expected {info.frames} frames (probe's count), Pillow counts {got}: {path}")
+            for index in range(start, end):
+                img.seek(index)  # Pillow replays the frames before `index` itself where disposal needs them
+                yield index, _pil_array(img, size, None)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DecodeError(f"expected {info.frames} decodable frames, Pillow said {e!r}: {path}") from e
 
 
 class _DecordFailure(Exception):
@@ -630,14 +803,26 @@ def read_span(path: str | Path, info: MediaInfo, start: int, end: int, *,
               max_side: int | None = None) -> np.ndarray:
     """Frames ``[start, end)`` as ``(end - start, H, W, 3)`` uint8, seeking to the keyframe before ``start``.
 
-    Frame indices are those ``open_frames`` yields. Always decoded by PyAV (seeking in decord 0.6 is
-    unreliable), so at a downscaled size the pixels may differ slightly from a decord stream's.
+    Frame indices are those ``open_frames`` yields. Videos are always decoded by PyAV (seeking in
+    decord 0.6 is unreliable), so at a downscaled size the pixels may differ slightly from a decord
+    stream's; images and animated images by Pillow.
     """
     path = Path(path)
     if not 0 <= start < end <= info.frames:
         raise ValueError(f"expected 0 <= start < end <= {info.frames}, got [{start}, {end}): {path}")
+    try:
+        return _read_span(path, info, start, end, max_side)
+    except MediaError:
+        raise
+    except Exception as e:  # noqa: BLE001 - see _guarded
+        raise _unexpected(e, "decoding", path) from e
+
+
+def _read_span(path: Path, info: MediaInfo, start: int, end: int, max_side: int | None) -> np.ndarray:
     if info.is_image:
         return _read_image(path, info, max_side)[None]
+    if _is_animated_image(info):
+        return np.stack([f for _, f in _iter_animated(path, info, output_size(info, max_side), start, end)])
     size = _coded_target(info, max_side)
     with _open_container(path) as container:
         stamps = _frame_timestamps(container, _video_stream(container, path), path)
@@ -697,6 +882,12 @@ def _frame_rgb(frame: av.VideoFrame, size: tuple[int, int], info: MediaInfo) -> 
 _PLANAR_420 = ("yuv420p", "yuvj420p")
 
 
+def _plane_view(plane: av.video.plane.VideoPlane) -> np.ndarray:
+    """One 8-bit plane as an (height, width) view, without the row padding."""
+    rows = np.frombuffer(plane, dtype=np.uint8).reshape(plane.height, plane.line_size)
+    return rows[:, :plane.width]
+
+
 def _shrink_plane(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     h, w = plane.shape[:2]
     if (w, h) == size:
@@ -727,7 +918,8 @@ def iter_analysis(path: str | Path, info: MediaInfo, *, detect_width: int, max_s
     path = Path(path)
     if info.is_image:
         raise ValueError(f"expected a video, got an image: {path}")
-    src = iter(_analysis_frames(path, info, detect_width, output_size(info, max_side), keep))
+    src = _guarded(_analysis_frames(path, info, detect_width, output_size(info, max_side), keep),
+                   "the analysis decode", path)
     if not prefetch:
         return src
     return _prefetched(src, _PREFETCH_FRAMES, name=f"analysis decode {path.name}")
@@ -738,13 +930,23 @@ def _analysis_frames(path: Path, info: MediaInfo, detect_width: int, size: tuple
     w, h = info.width, info.height
     dw = min(detect_width, w) // 4 * 4  # I420 at the small size needs sides divisible by 4 (even chroma rows)
     dsize = (max(4, dw), max(4, round(h * dw / w / 4) * 4))
+    if _is_animated_image(info):
+        for index, full in _iter_animated(path, info, (w, h)):
+            small = cv2.cvtColor(_shrink_plane(full, dsize), cv2.COLOR_RGB2BGR)
+            yield index, small, _shrink_plane(full, size) if keep(index) else None
+        return
     for index, frame in _counted_frames(path, info):
         kept = keep(index)
         if frame.format.name in _PLANAR_420 and frame.width == w and frame.height == h:
-            yuv = frame.to_ndarray()                                # (H*3/2, W) I420
-            y = yuv[:h]
-            u = yuv[h:h + h // 4].reshape(h // 2, w // 2)
-            v = yuv[h + h // 4:h + h // 2].reshape(h // 2, w // 2)
+            if w % 2 == 0 and h % 2 == 0:
+                yuv = frame.to_ndarray()                            # (H*3/2, W) I420
+                y = yuv[:h]
+                u = yuv[h:h + h // 4].reshape(h // 2, w // 2)
+                v = yuv[h + h // 4:h + h // 2].reshape(h // 2, w // 2)
+            else:
+                # PyAV's to_ndarray refuses odd 4:2:0 sizes; the planes are there all the same,
+                # chroma at ceil(side / 2). Views into the frame's buffers, rows padded to line_size.
+                y, u, v = (_plane_view(plane) for plane in frame.planes[:3])
             # Shrink the planes, repack as a small I420 image and convert that: the same BT.601
             # video-range conversion swscale applies to the full frame, at 1/16 of the pixels.
             cw, ch = dsize[0] // 2, dsize[1] // 2
