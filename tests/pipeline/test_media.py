@@ -13,8 +13,9 @@ from PIL import Image
 
 from catalog.schema import VIDEOS
 from catalog.shards import encode_h264
-from pipeline.media import (DecodeError, MediaError, NotMediaError, UnsupportedSizeError, content_hash,
-                            open_frames, output_size, probe, read_span)
+from pipeline.media import (ALPHA_BACKGROUND, DecodeError, MediaError, NotMediaError, UnsupportedFormatError,
+                            UnsupportedSizeError, content_hash, iter_analysis, open_frames, output_size, probe,
+                            read_span)
 from pipeline.sample import BAD_INPUT_ERRORS
 
 # Real footage as its README describes it: (size, fps, duration s, has_audio, container, codec).
@@ -410,6 +411,156 @@ def test_png_with_alpha_and_webp(tmp_path):
         assert info.container == container and info.is_image
         (_, rgb), = list(open_frames(tmp_path / name, info))
         assert rgb.shape == (40, 60, 3) and rgb.dtype == np.uint8
+
+
+# ---------------------------------------------------------------------------------------------
+# images: every Pillow mode to 8-bit RGB, content before extension, animations as videos
+
+
+def _still(path: Path) -> np.ndarray:
+    info = probe(path)
+    assert info.is_image and info.frames == 1, info
+    (_, rgb), = list(open_frames(path, info))
+    assert rgb.dtype == np.uint8 and rgb.shape == (info.height, info.width, 3)
+    return rgb
+
+
+@pytest.mark.parametrize("ext", ["png", "tiff"])
+def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path, ext):
+    ramp = np.linspace(0, 65535, 96 * 64).round().astype(np.uint16).reshape(64, 96)
+    Image.fromarray(ramp).save(tmp_path / f"scan.{ext}")
+    rgb = _still(tmp_path / f"scan.{ext}")
+    expect = np.round(ramp / 257.0)
+    assert np.abs(rgb[..., 0].astype(int) - expect).max() <= 1
+    assert (rgb[..., 0] == rgb[..., 2]).all() and (rgb == 255).all(-1).mean() < 0.01
+
+
+def test_alpha_is_composited_over_mid_gray(tmp_path):
+    rgba = np.zeros((40, 60, 4), np.uint8)
+    rgba[..., 0] = 250
+    rgba[:, 20:40, 3] = 128
+    rgba[:, 40:, 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    Image.fromarray(rgba).convert("LA").save(tmp_path / "la.png")
+    gray = np.asarray(ALPHA_BACKGROUND)
+    rgb = _still(tmp_path / "rgba.png").astype(int)
+    assert (rgb[:, :20] == gray).all()  # fully transparent: the stated background, not the hidden red
+    np.testing.assert_allclose(rgb[:, 20:40], np.broadcast_to(gray + (np.array([250, 0, 0]) - gray) * 128 / 255,
+                                                              (40, 20, 3)), atol=1)
+    assert (rgb[:, 40:] == (250, 0, 0)).all()
+    la = _still(tmp_path / "la.png").astype(int)
+    assert (la[:, :20] == gray).all() and abs(la[0, 50, 0] - round(0.299 * 250)) <= 1
+
+    # A palette image whose transparent index is used: those pixels show the background too.
+    pal = Image.new("P", (32, 32), 1)
+    pal.putpalette([0, 0, 0, 0, 0, 255] + [0] * 762)
+    pal.paste(0, (0, 0, 16, 32))
+    pal.save(tmp_path / "pal.png", transparency=0)
+    rgb = _still(tmp_path / "pal.png")
+    assert (rgb[:, :16] == gray).all() and (rgb[:, 16:] == (0, 0, 255)).all()
+
+
+def test_cmyk_and_one_bit_images(tmp_path):
+    Image.new("CMYK", (40, 30), (0, 255, 255, 0)).save(tmp_path / "red.jpg", quality=95)
+    Image.new("CMYK", (40, 30), (255, 0, 0, 0)).save(tmp_path / "cyan.jpg", quality=95)
+    Image.new("1", (40, 30), 0).save(tmp_path / "black.png")
+    assert np.abs(_still(tmp_path / "red.jpg").astype(int) - (255, 0, 0)).max() <= 3
+    assert np.abs(_still(tmp_path / "cyan.jpg").astype(int) - (0, 255, 255)).max() <= 3
+    assert (_still(tmp_path / "black.png") == 0).all()
+
+
+def test_content_decides_not_the_extension(tmp_path, sample_dir):
+    picture = _marker_frames(1, 64, 48)[0]
+    Image.fromarray(picture).save(tmp_path / "avif_bytes.jpg", format="AVIF", quality=90)
+    Image.fromarray(picture).save(tmp_path / "jpeg_bytes.mp4", format="JPEG", quality=95)
+    Image.fromarray(picture).save(tmp_path / "plain.bmp")
+    Image.fromarray(picture).save(tmp_path / "plain.gif")
+    for name, container in (("avif_bytes.jpg", "image/avif"), ("jpeg_bytes.mp4", "image/jpeg"),
+                            ("plain.bmp", "image/bmp"), ("plain.gif", "image/gif")):
+        info = probe(tmp_path / name)
+        assert info.container == container and info.is_image and info.frames == 1, (name, info)
+        rgb = _still(tmp_path / name)
+        assert np.abs(rgb.astype(int) - picture).mean() < 4, name
+    # A video named like an image is still the video.
+    shutil.copyfile(sample_dir / "cuts.mp4", tmp_path / "video_bytes.png")
+    assert probe(tmp_path / "video_bytes.png").frames == probe(sample_dir / "cuts.mp4").frames
+
+    (tmp_path / "notes.png").write_text("not an image at all\n" * 10)
+    with pytest.raises(NotMediaError, match="still png picture"):
+        probe(tmp_path / "notes.png")
+    # An HEIF container (ftyp brand heic) with no HEIF decoder installed: a clear reject.
+    (tmp_path / "photo.heic").write_bytes(b"\x00\x00\x00\x18ftypheic\x00\x00\x00\x00mif1heic" + bytes(200))
+    with pytest.raises(UnsupportedFormatError, match="HEIF"):
+        probe(tmp_path / "photo.heic")
+
+
+def _animation(n: int, w: int = 48, h: int = 32) -> list[np.ndarray]:
+    """A still background whose top-left square changes colour each frame (delta frames in a GIF)."""
+    frames = []
+    for i in range(n):
+        a = np.full((h, w, 3), (30, 90, 160), np.uint8)
+        a[8:16, 8:16] = (20 * i, 255 - 20 * i, 40)
+        frames.append(a)
+    return frames
+
+
+@pytest.mark.parametrize("fmt,ext", [("GIF", "gif"), ("PNG", "png"), ("WEBP", "webp")])
+def test_animated_image_is_a_short_video(tmp_path, fmt, ext):
+    frames = _animation(12)
+    path = tmp_path / f"anim.{ext}"
+    extra = {"lossless": True} if fmt == "WEBP" else {}
+    Image.fromarray(frames[0]).save(path, format=fmt, save_all=True, duration=100, loop=0,
+                                    append_images=[Image.fromarray(f) for f in frames[1:]], **extra)
+    info = probe(path)
+    assert not info.is_image and info.container == f"image/{ext}"
+    assert (info.frames, info.fps, info.duration, info.fps_variable) == (12, pytest.approx(10.0), pytest.approx(1.2), False)
+    stream = open_frames(path, info)
+    got = _collect(stream)
+    assert stream.decoder == "pillow" and got.shape == (12, 32, 48, 3)
+    # Every frame is whole (delta frames composited onto the ones before) and in order.
+    tol = 8 if fmt == "GIF" else 0  # GIF's 256-colour palette
+    assert np.abs(got.astype(int) - np.stack(frames)).max() <= tol
+    np.testing.assert_array_equal(read_span(path, info, 5, 9), got[5:9])
+    small = _collect(open_frames(path, info, max_side=24))
+    assert small.shape == (12, 16, 24, 3)
+    analysed = list(iter_analysis(path, info, detect_width=24, max_side=24, keep=lambda i: i % 4 == 0))
+    assert [i for i, _, _ in analysed] == list(range(12))
+    assert all((rgb is None) == (i % 4 != 0) for i, _, rgb in analysed)
+    # Same picture (OpenCV area vs Pillow bicubic shrink: close, not equal).
+    assert np.abs(analysed[4][2].astype(int) - small[4]).mean() < 2
+
+
+def test_animation_timing(tmp_path):
+    frames = [Image.fromarray(f) for f in _animation(6)]
+    frames[0].save(tmp_path / "zero.gif", save_all=True, append_images=frames[1:], duration=0, loop=0)
+    frames[0].save(tmp_path / "uneven.webp", save_all=True, append_images=frames[1:], lossless=True,
+                   duration=[40, 40, 200, 40, 40, 40], loop=0)
+    zero = probe(tmp_path / "zero.gif")
+    assert zero.fps == pytest.approx(10.0) and zero.duration == pytest.approx(0.6)  # 0 ms plays as 100 ms
+    uneven = probe(tmp_path / "uneven.webp")
+    assert uneven.fps_variable and uneven.duration == pytest.approx(0.4)
+
+
+def test_animated_gif_and_16_bit_png_through_the_cpu_stage(tmp_path):
+    from pipeline.analyze import analyze_video
+    from pipeline.scenecut import SceneCutConfig
+    from pipeline.settings import DecodeConfig, PrefilterConfig
+
+    rng = np.random.default_rng(0)
+    texture = rng.integers(0, 255, (64, 96 * 2, 3), dtype=np.uint8)
+    frames = [Image.fromarray(np.ascontiguousarray(texture[:, 2 * i:2 * i + 96])) for i in range(36)]
+    frames[0].save(tmp_path / "pan.gif", save_all=True, append_images=frames[1:], duration=100, loop=0)
+    ramp = np.tile(np.linspace(0, 65535, 96).astype(np.uint16), (64, 1))
+    Image.fromarray(ramp).save(tmp_path / "scan.png")
+    # No prefilter cut-offs: the frames must reach the model stages whatever their scores.
+    cfg = (DecodeConfig(), SceneCutConfig(), PrefilterConfig(sharpness_min=None, motion_min=None, motion_max=None,
+                                                             overlay_max=None))
+    gif = analyze_video(str(tmp_path / "pan.gif"), *cfg)
+    assert gif.reject is None and gif.video["frames"] == 36 and not gif.video["is_image"]
+    assert gif.clips and all(c.record["fps"] == pytest.approx(10.0) for c in gif.clips)
+    scan = analyze_video(str(tmp_path / "scan.png"), *cfg)
+    (clip,) = scan.clips
+    assert scan.video["is_image"] and (clip.frames == 255).all(-1).mean() < 0.05
 
 
 # ---------------------------------------------------------------------------------------------
