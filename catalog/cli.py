@@ -102,6 +102,8 @@ def _cell_text(value: Any, typ: pa.DataType) -> str:
         return json.dumps(_jsonable(value, typ), ensure_ascii=False)
     if isinstance(value, dt.datetime | dt.date | dt.time):
         return value.isoformat(sep=" ") if isinstance(value, dt.datetime) else value.isoformat()
+    if isinstance(value, bytes):  # clips.preview_jpeg: kilobytes of JPEG per row would drown `SELECT *` (json gives base64)
+        return f"<{len(value):,} bytes>"
     return str(value)
 
 
@@ -313,14 +315,12 @@ def run_report(argv: Sequence[str], out: IO[str], err: IO[str]) -> int:
     defaults = report.ReportOptions()
     p.add_argument("--clips", type=int, default=defaults.clips_per_sheet,
                    help=f"clips per contact sheet, kept and rejected (default: {defaults.clips_per_sheet})")
-    p.add_argument("--thumbs", type=int, default=defaults.thumbs_per_clip,
-                   help=f"thumbnails per clip (default: {defaults.thumbs_per_clip})")
     args = p.parse_args(argv)
     if not Path(args.db).is_file():
         err.write(f"error: catalog {args.db} does not exist\n")
         return EXIT_USAGE
     try:
-        options = report.ReportOptions(clips_per_sheet=args.clips, thumbs_per_clip=args.thumbs)
+        options = report.ReportOptions(clips_per_sheet=args.clips)
         summary = report.write_report(args.db, args.output, options)
     except ValueError as exc:
         err.write(f"error: {exc}\n")
@@ -328,8 +328,8 @@ def run_report(argv: Sequence[str], out: IO[str], err: IO[str]) -> int:
     except duckdb.Error as exc:
         err.write(f"error: {exc}\n")
         return EXIT_SQL_ERROR
-    out.write(f"wrote {summary.path} ({summary.bytes:,} bytes; {summary.thumbnails} thumbnails, "
-              f"{summary.missing_sources} clips with unreadable sources)\n")
+    out.write(f"wrote {summary.path} ({summary.bytes:,} bytes; {summary.thumbnails} previews, "
+              f"{summary.missing_previews} clips without a stored preview)\n")
     return 0
 
 

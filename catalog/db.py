@@ -52,6 +52,9 @@ BASE_TABLES: dict[str, str] = {
     "runs": "runs",
 }
 SHARD_TABLES = ("shards", "shard_samples")
+# Columns added to catalog.schema after runs had been written with it: a run folder without them still registers,
+# with NULLs there (the report then shows a placeholder card instead of a preview).
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"clips": ("preview_jpeg",)}
 DEFAULT_FILENAME = "catalog.duckdb"
 
 REGISTERED_AT_DOC = "when this row was copied into the catalog"
@@ -451,6 +454,9 @@ def _read_run_table(run_dir: Path, key: str) -> pa.Table:
                              f"found {found}")
     table = pq.read_table(path)
     want = schema.TABLES[key]
+    for name in ADDED_COLUMNS.get(key, ()):
+        if name not in table.column_names:
+            table = table.append_column(want.field(name), pa.nulls(table.num_rows, want.field(name).type))
     missing = [n for n in want.names if n not in table.column_names]
     extra = [n for n in table.column_names if n not in want.names]
     if missing or extra:

@@ -2,27 +2,25 @@
 
 ``python -m catalog report DB --output report.html`` writes a single self-contained file (pictures embedded as
 base64): counts per stage and per reject reason, the thresholds with how many clips each one drops, a histogram per
-thresholded score with its limits marked, contact sheets of kept and rejected clips (thumbnails decoded from the
-source at the clip span, scores, caption, reasons) and the bucket table of the shards written so far.
+thresholded score with its limits marked, contact sheets of kept and rejected clips (the preview strip curation
+stored in ``clips.preview_jpeg``, scores, caption, reasons) and the bucket table of the shards written so far.
 
-The catalog is opened read-only; the report never changes it.
+The catalog is opened read-only; the report never changes it, and it never opens a source video: the catalog is
+enough, wherever the sources went since.
 """
 from __future__ import annotations
 
 import base64
 import dataclasses
 import html
-import io
 import json
 import math
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import duckdb
 import numpy as np
-from PIL import Image
 
 from catalog import db
 
@@ -30,22 +28,20 @@ from catalog import db
 @dataclasses.dataclass(frozen=True, slots=True)
 class ReportOptions:
     clips_per_sheet: int = 12  # clips on each contact sheet (kept, rejected)
-    thumbs_per_clip: int = 3  # thumbnails across each clip's span
-    thumb_height: int = 80  # pixels
+    thumb_height: int = 80  # pixels the stored preview strips are shown at
     bins: int = 40  # histogram bins
 
     def __post_init__(self) -> None:
-        if self.clips_per_sheet < 0 or self.thumbs_per_clip < 1 or self.thumb_height < 16 or self.bins < 2:
-            raise ValueError(f"expected clips_per_sheet >= 0, thumbs_per_clip >= 1, thumb_height >= 16, bins >= 2; "
-                             f"got {self}")
+        if self.clips_per_sheet < 0 or self.thumb_height < 16 or self.bins < 2:
+            raise ValueError(f"expected clips_per_sheet >= 0, thumb_height >= 16, bins >= 2; got {self}")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ReportSummary:
     path: Path
     bytes: int
-    thumbnails: int  # thumbnails embedded
-    missing_sources: int  # clips on the sheets whose source could not be decoded (shown with the reason)
+    thumbnails: int  # preview strips embedded (one per card that has one)
+    missing_previews: int  # cards without a stored preview (shown with a placeholder saying so)
 
 
 # Score columns with a histogram, in page order; each is marked with the thresholds that read it.
@@ -126,53 +122,17 @@ def histogram_svg(values: np.ndarray, limits: Sequence[tuple[str, str, float]], 
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Thumbnails
+# Previews
+
+JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def _local_path(uri: str) -> Path | None:
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        return Path(unquote(parsed.path) if parsed.scheme == "file" else uri)
-    return None
-
-
-def _thumb_frames(video: dict, clip: dict, n: int) -> list[int]:
-    """Frame indices spread over the clip span (the middle of n equal parts)."""
-    start, end = int(clip["start_frame"]), int(clip["end_frame"])
-    if video.get("is_image") or end - start <= 1:
-        return [start]
-    return sorted({min(end - 1, start + int((k + 0.5) * (end - start) / n)) for k in range(n)})
-
-
-def clip_thumbnails(video: dict, clip: dict, *, n: int, height: int) -> list[np.ndarray]:
-    """Up to ``n`` RGB frames ``(H, W, 3)`` across the clip span, decoded from the source in display orientation.
-
-    Raises OSError (source missing), ValueError or pipeline.media.MediaError (source unreadable).
-    """
-    from pipeline import media
-
-    path = _local_path(str(video["uri"]))
-    if path is None:
-        raise OSError(f"expected a local file, got {video['uri']!r}")
-    if not path.is_file():
-        raise FileNotFoundError(f"source {path} is missing")
-    fields = {f.name for f in dataclasses.fields(media.MediaInfo)}
-    info = media.MediaInfo(**{k: video[k] for k in fields})
-    max_side = max(height * 4, 64)  # decoder downscale; the final resize happens below
-    frames = []
-    for index in _thumb_frames(video, clip, n):
-        rgb = media.read_span(path, info, index, index + 1, max_side=max_side)[0]
-        frames.append(rgb)
-    return frames
-
-
-def _jpeg_data_uri(rgb: np.ndarray, height: int) -> str:
-    img = Image.fromarray(rgb)
-    w = max(1, round(img.width * height / img.height))
-    img = img.resize((w, height), Image.Resampling.BICUBIC)
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=82)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+def _preview_img(preview: bytes | None, height: int) -> str | None:
+    """An <img> embedding the stored JPEG as it is (no decode, no re-encode); None when there is none to show."""
+    if not preview or not bytes(preview).startswith(JPEG_MAGIC):
+        return None
+    uri = "data:image/jpeg;base64," + base64.b64encode(bytes(preview)).decode()
+    return f'<img class="thumb" alt="frames across the clip" height="{height}" src="{uri}">'
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -294,7 +254,7 @@ th { background: #f0f0f0; } td.num, th.num { text-align: right; }
         border-radius: 4px; padding: 6px; }
 .card.kept { border-color: #4caf50; } .card.rejected { border-color: #e57373; }
 .thumbs { display: flex; gap: 2px; width: fit-content; background: #111; }
-.missing { color: #b00; font-size: 12px; padding: 4px; max-width: 420px; background: #fee; }
+.missing { color: #b00; font-size: 12px; padding: 4px; max-width: 420px; background: #fee; box-sizing: border-box; }
 .clip-id { font: 11px monospace; color: #555; word-break: break-all; }
 .caption { font-style: italic; margin: 4px 0; }
 .scores { font-size: 12px; color: #333; }
@@ -315,27 +275,17 @@ window.addEventListener('load', function () {
 """
 
 
-def _source_errors() -> tuple[type[BaseException], ...]:
-    import av
-
-    from pipeline.media import MediaError
-
-    return (OSError, ValueError, KeyError, TypeError, MediaError, av.error.FFmpegError)
-
-
-_SOURCE_ERRORS = _source_errors()
-
-
 def _card(clip: dict, kept: bool, opts: ReportOptions) -> tuple[str, int, bool]:
-    """HTML for one clip; returns (html, thumbnails embedded, source missing)."""
+    """HTML for one clip; returns (html, previews embedded, preview missing)."""
     video = clip["video"]
-    try:
-        frames = clip_thumbnails(video, clip, n=opts.thumbs_per_clip, height=opts.thumb_height)
-        thumbs = "".join(f'<img class="thumb" alt="frame" src="{_jpeg_data_uri(f, opts.thumb_height)}">'
-                         for f in frames)
-        n_thumbs, missing = len(frames), False
-    except _SOURCE_ERRORS as exc:  # one unreadable source must not lose the whole report: say why on its card
-        thumbs = f'<div class="missing">no thumbnails: {_e(type(exc).__name__)}: {_e(exc)}</div>'
+    preview = clip.get("preview_jpeg")  # absent altogether in a catalog written before previews were kept
+    thumbs = _preview_img(preview, opts.thumb_height)
+    if thumbs is not None:
+        n_thumbs, missing = 1, False
+    else:
+        why = ("curated before previews were stored (curate it again to get one)" if not preview
+               else f"the stored preview is not a JPEG ({len(preview)} bytes)")
+        thumbs = (f'<div class="missing" style="min-height: {opts.thumb_height}px">no preview: {_e(why)}</div>')
         n_thumbs, missing = 0, True
     scores = " · ".join(f"{label} {_fmt(clip.get(col), pattern)}" for col, label, pattern in CARD_SCORES
                         if not (clip.get("is_image") and col in ("motion_mean", "duration", "overlay_score")))
@@ -353,7 +303,7 @@ def _card(clip: dict, kept: bool, opts: ReportOptions) -> tuple[str, int, bool]:
 
 
 def render(con: duckdb.DuckDBPyConnection, db_label: str, opts: ReportOptions) -> tuple[str, int, int]:
-    """The report page for an open catalog; returns (html, thumbnails, sources missing)."""
+    """The report page for an open catalog; returns (html, previews embedded, previews missing)."""
     out: list[str] = []
     thresholds = _rows(con, "SELECT name, value, comment FROM thresholds ORDER BY name")
     values = {t["name"]: t["value"] for t in thresholds}

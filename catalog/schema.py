@@ -69,6 +69,7 @@ CLIPS = pa.schema([
     _f("models", pa.map_(pa.string(), pa.string()), "stage -> model id used for this row (stand-ins are named 'standin:...')"),
     _f("stage_versions", pa.map_(pa.string(), pa.string()), "stage -> code version that computed its columns"),
     _f("reject_reasons", pa.list_(pa.string()), "why the clip is dropped at curation time; empty when kept", False),
+    _f("preview_jpeg", pa.binary(), "JPEG strip of up to 3 frames across the span (1 for images), 128 px high, cut from the frames curation decoded anyway; what the report's contact sheets show; null in runs curated before previews were kept"),
     _f("run_id", pa.string(), "curation run that produced this row", False),
 ])
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 
 from pipeline import media
@@ -23,12 +24,19 @@ from pipeline.settings import DecodeConfig, PrefilterConfig
 
 CPU_STAGE_VERSION = "analyze-1"
 
+# The clip preview stored in clips.preview_jpeg (the report's contact sheets): frames across the span, side by side.
+PREVIEW_FRAMES = 3
+PREVIEW_HEIGHT = 128    # px; the report shows it at 80 px, so it stays sharp on a high-density screen
+PREVIEW_GAP = 3         # px of dark gap between frames, as the report's thumbnail row always had
+PREVIEW_QUALITY = 80
+
 
 @dataclass(frozen=True)
 class ClipResult:
     record: dict[str, Any]          # a clips-table row (without run_id)
     frames: np.ndarray | None       # (N, H, W, 3) uint8 frames for the model stages; None when prefiltered
     times: np.ndarray | None        # (N,) seconds from clip start
+    preview: bytes | None = None    # clips.preview_jpeg, kept apart from the JSON record (binary)
 
 
 @dataclass(frozen=True)
@@ -71,6 +79,32 @@ def _every(times: np.ndarray, fps: float) -> np.ndarray:
             keep.append(i)
             next_t = t + 1.0 / fps
     return np.asarray(keep, dtype=int)
+
+
+def preview_jpeg(frames: np.ndarray, times: np.ndarray, duration: float, *, n: int = PREVIEW_FRAMES,
+                 height: int = PREVIEW_HEIGHT, quality: int = PREVIEW_QUALITY) -> bytes:
+    """JPEG strip of up to ``n`` of ``frames`` (K, h, w, 3) RGB, the ones nearest the middles of n equal parts of the span.
+
+    ``times`` (K,) are seconds from the clip start and ``duration`` the span's length; a still image or a span with
+    one analysis frame gives a one-frame strip. Each frame is scaled to ``height`` keeping its aspect.
+    """
+    if len(frames) == 0:
+        raise ValueError(f"expected at least one frame for a preview, got frames of shape {frames.shape}")
+    if len(frames) == 1 or duration <= 0:
+        pick = [0]
+    else:
+        targets = (np.arange(n) + 0.5) * duration / n
+        pick = sorted({int(np.argmin(np.abs(times - t))) for t in targets})
+    h, w = frames.shape[1:3]
+    width = max(1, round(w * height / h))
+    strip = np.full((height, len(pick) * (width + PREVIEW_GAP) - PREVIEW_GAP, 3), 17, dtype=np.uint8)
+    for k, i in enumerate(pick):
+        x = k * (width + PREVIEW_GAP)
+        strip[:, x:x + width] = cv2.resize(frames[i], (width, height), interpolation=cv2.INTER_AREA)
+    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(strip[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
+    if not ok:
+        raise ValueError(f"JPEG encode of a {strip.shape} preview strip failed")
+    return buf.tobytes()
 
 
 def prefilter_reasons(rec: dict[str, Any], cfg: PrefilterConfig) -> list[str]:
@@ -219,11 +253,13 @@ def _score_clip(info, video_id, start, end, fps, frames, times, decode: DecodeCo
         "stage_versions": {"analyze": CPU_STAGE_VERSION},
     }
     rec["reject_reasons"] = prefilter_reasons(rec, prefilter)
+    # Every clip, rejected ones too (the report shows both), from the frames already in hand: no second decode.
+    preview = preview_jpeg(frames, times, rec["duration"])
     if rec["reject_reasons"]:
-        return ClipResult(rec, None, None)
+        return ClipResult(rec, None, None, preview)
     # Frames for the model stages: about model_fps, but enough for a captioner's frame budget.
     pick = _every(times, decode.model_fps)
     if len(pick) < decode.model_frames_max:
         pick = _evenly(np.arange(len(times)), decode.model_frames_max)
     pick = _evenly(pick, decode.model_frames_max)
-    return ClipResult(rec, np.ascontiguousarray(frames[pick]), times[pick].astype(np.float32))
+    return ClipResult(rec, np.ascontiguousarray(frames[pick]), times[pick].astype(np.float32), preview)

@@ -132,6 +132,7 @@ class PartWriter:
         elif row["kind"] == "video":
             p["video"], p["expect"] = rec, int(row["expect"])
         else:
+            rec["preview_jpeg"] = bytes(row["preview"]) or None
             p["clips"].append(rec)
         if p["expect"] is not None and len(p["clips"]) == p["expect"]:
             self._flush(key, p)

@@ -7,6 +7,7 @@ Rows flowing through the dataset after the CPU stage have these columns:
   frames    npz bytes with `frames` (N,H,W,3) uint8 and `times` (N,) for clips that still need model
             stages; empty bytes otherwise
   expect    number of clip rows the input produced (on its 'video' row), so the writer knows when it is whole
+  preview   JPEG bytes of the clip's preview strip (clips.preview_jpeg); empty bytes for other rows
 
 A model stage loads its model once in ``__init__`` and maps batches. It only touches clip rows whose
 ``reject_reasons`` are still empty, so no GPU time goes to clips already dropped; every clip keeps the
@@ -42,11 +43,13 @@ def unpack_frames(blob: bytes) -> tuple[np.ndarray, np.ndarray]:
 def result_rows(res: VideoResult) -> list[dict[str, Any]]:
     key = uri_key(res.uri)
     if res.reject is not None:
-        return [{"kind": "reject", "uri_key": key, "record": json.dumps(res.reject), "frames": b"", "expect": 0}]
-    rows = [{"kind": "video", "uri_key": key, "record": json.dumps(res.video), "frames": b"", "expect": len(res.clips)}]
+        return [{"kind": "reject", "uri_key": key, "record": json.dumps(res.reject), "frames": b"", "expect": 0,
+                 "preview": b""}]
+    rows = [{"kind": "video", "uri_key": key, "record": json.dumps(res.video), "frames": b"", "expect": len(res.clips),
+             "preview": b""}]
     for c in res.clips:
         rows.append({"kind": "clip", "uri_key": key, "record": json.dumps(c.record),
-                     "frames": pack_frames(c.frames, c.times), "expect": 0})
+                     "frames": pack_frames(c.frames, c.times), "expect": 0, "preview": c.preview or b""})
     return rows
 
 
@@ -239,7 +242,7 @@ for _cls in (WatermarkStage, AestheticStage, CaptionStage, CaptionQAStage):
 ANALYZE_OUTPUTS = (
     "clip_id", "video_id", "start_frame", "end_frame", "start_s", "end_s", "frames", "duration", "fps",
     "width", "height", "is_image", "sharpness_min", "sharpness_median", "motion_mean", "motion_max",
-    "overlay_score", "overlay_box", "models", "stage_versions", "reject_reasons",
+    "overlay_score", "overlay_box", "models", "stage_versions", "reject_reasons", "preview_jpeg",
 )
 
 

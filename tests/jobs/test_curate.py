@@ -273,3 +273,32 @@ def test_killed_run_resumes_to_the_same_tables(sample_run, tmp_path):
     ref = sample_run["summary"].output
     for t in ("videos", "clips", "rejects"):
         assert _stable(pq.read_table(out / f"{t}.parquet")) == _stable(pq.read_table(ref / f"{t}.parquet")), t
+
+
+def test_every_clip_keeps_a_preview_and_the_report_needs_no_source(sample_run, tmp_path):
+    """Previews ride through the Ray stages into clips.parquet, rejected clips' too; with every source moved away,
+    the catalog report still shows one per card."""
+    from PIL import Image
+
+    from catalog.db import register_run
+    from catalog.report import ReportOptions, write_report
+    from pipeline.analyze import PREVIEW_HEIGHT
+
+    clips = sample_run["clips"]
+    assert any(c["reject_reasons"] for c in clips) and any(not c["reject_reasons"] for c in clips)
+    for c in clips:
+        img = Image.open(io.BytesIO(c["preview_jpeg"]))
+        assert img.format == "JPEG" and img.height == PREVIEW_HEIGHT, c["clip_id"]
+    db = tmp_path / "catalog.duckdb"
+    register_run(db, sample_run["summary"].output)
+    raw, away = sample_run["raw"], tmp_path / "raw-away"
+    raw.rename(away)
+    try:
+        summary = write_report(db, tmp_path / "report.html", ReportOptions(clips_per_sheet=len(clips)))
+    finally:
+        away.rename(raw)
+    page = summary.path.read_text()
+    cards = page.count('class="card kept"') + page.count('class="card rejected"')
+    uris = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', page)
+    assert cards == len(clips) and summary.missing_previews == 0 and summary.thumbnails == len(uris) == cards
+    assert all(np.asarray(Image.open(io.BytesIO(base64.b64decode(u)))).std() > 5 for u in uris)
