@@ -108,6 +108,7 @@ def synthetic_run(n_clips: int, clips_per_video: int, run_id: str, rng: np.rando
         "caption_similarity": model_score(rng.normal(0.29, 0.04, n)),
         "models": models, "stage_versions": models,
         "reject_reasons": _list_array(reasons, pa.list_(pa.string())),
+        "preview_jpeg": pa.nulls(n, pa.binary()),  # ~10 kB each in a real run; the queries timed here never read it
         "run_id": pa.array(np.full(n, run_id)),
     }
     videos = {
