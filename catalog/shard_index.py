@@ -39,6 +39,8 @@ def select_clips(db_path: str | Path, where: str) -> list[dict[str, Any]]:
     try:
         try:
             kept = con.table("kept_clips").filter(where)
+            # The report's preview strips (kilobytes a clip) are no business of the shard writer.
+            kept = kept.project(", ".join(c for c in kept.columns if c != "preview_jpeg"))
             # videos may hold one row per run of a video; every one names the same file.
             uris = con.sql("SELECT video_id, any_value(uri) AS video_uri FROM videos GROUP BY video_id")
             rel = kept.join(uris, "video_id").order("clip_id")
