@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from catalog.shards import bucket_shards, decode_mp4, parse_bucket
+from catalog.shards import bucket_shards, decode_mp4, manifest_is_complete, parse_bucket, read_manifest
 from trainer.data import (
     BucketBatches,
     DataConfig,
@@ -118,3 +118,13 @@ def test_image_samples_decode_as_one_frame(shards: Path) -> None:
     x = decode_sample({"__key__": "img", "jpg": data}, "1x16x16")
     assert x.shape == (3, 1, 16, 16) and -1 <= x.min() and x.max() <= 1
     assert io.BytesIO(data).read(2) == b"\xff\xd8"
+
+
+def test_synthetic_shards_are_in_the_one_shard_format(shards: Path) -> None:
+    manifest = read_manifest(shards)  # checked against the format the pipeline's writer uses too
+    assert manifest["source"] == "synthetic" and manifest["samples"] == 16 and manifest["shards"] == 6
+    assert {b: (e["samples"], len(e["shards"])) for b, e in manifest["buckets"].items()} == {
+        "5x16x16": (10, 4), "1x16x16": (6, 2)}
+    assert manifest_is_complete(manifest, shards)
+    with pytest.raises(ValueError, match=r"4k\+1 frames"):
+        DataConfig(buckets=("16x16x16",), weights=(1.0,), batch_sizes=(1,))
