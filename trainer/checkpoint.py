@@ -1,12 +1,15 @@
 """Checkpoint files of a training run.
 
 A checkpoint is one folder:
-- ``state.pt`` (rank 0): model, EMA, discriminator, both optimizers, step, data position, config;
+- ``state.pt`` (rank 0): the stage's training state, a dict with at least ``step``; every stage keeps
+  ``model``, ``ema``, ``opt``, ``data_position`` and ``config`` (the VAE adds ``disc`` and ``opt_d``);
 - ``rng_rank{r}.pt`` (every rank): Python, NumPy and torch RNG states of that rank;
 - ``meta.json`` (rank 0): ``{"step": N}``, so the latest checkpoint can be found without unpickling;
-- ``recon_step{N}.mp4`` (rank 0, every recon_every steps): held-out clips, original | reconstruction.
+- whatever the stage writes beside them on rank 0, e.g. the VAE's ``recon_step{N}_{i}.mp4``
+  (held-out clips, original | reconstruction).
 
-Under Ray Train every rank reports its folder and Ray merges them into one checkpoint.
+Under Ray Train every rank reports its folder and Ray merges them into one checkpoint. The save and
+resume cycle around these files is trainer/runtime.py (``save_and_report``, ``find_resume``).
 Model and optimizer states are gathered as full (unsharded) state dicts with
 ``torch.distributed.checkpoint.state_dict``, which handles plain, DDP and FSDP2 modules alike.
 """

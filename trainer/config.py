@@ -4,6 +4,7 @@
 OptimConfig, ``[loss]`` trainer.losses.LossConfig, ``[train]`` TrainConfig, ``[ray]`` RayConfig.
 ``[stage] kind`` names the trainer that runs the file (jobs/train.py dispatches on it); a file
 without ``[stage]`` is a VAE stage, so every VAE config written before the key existed stays valid.
+``StageConfig``, ``RayConfig`` and ``AdamWConfig`` (CogVideoX's DiT optimizer) are for any stage.
 Unknown keys and wrong types raise (catalog/config.py), naming the key.
 """
 from __future__ import annotations
@@ -13,10 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
+
 from catalog.config import from_dict, load_toml
 from trainer.data import DataConfig
 from trainer.losses import LossConfig
 from trainer.models.vae import VAE_PRESETS, VAEConfig, vae_config
+from trainer.runtime import LRSchedule
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -63,6 +67,44 @@ class OptimConfig:
     """Linear warm-up from 0 to lr over this many steps, then constant."""
     grad_clip: float = 1.0
     """Clip the global gradient norm; 0 disables."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AdamWConfig:
+    """AdamW with warm-up then a cosine (or constant) schedule, for any stage's ``[optim]``; the
+    defaults are CogVideoX's DiT settings (anchors/trainer.md section 3)."""
+
+    lr: float = 1e-4
+    """Peak learning rate, reached at the end of warm-up."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 1e-4
+    warmup_steps: int = 1000
+    """Linear warm-up from 0 to lr over this many steps."""
+    schedule: str = "cosine"
+    """After warm-up: "cosine" (down to min_lr at the stage's last step) or "constant"."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm; 0 disables."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"AdamWConfig.schedule: expected 'constant' or 'cosine', got {self.schedule!r}")
+        if not 0.0 <= self.min_lr <= self.lr:
+            raise ValueError(f"AdamWConfig.min_lr: expected 0 <= min_lr <= lr={self.lr}, got {self.min_lr}")
+        if self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError(f"AdamWConfig: expected warmup_steps >= 0 and grad_clip >= 0, got "
+                             f"{self.warmup_steps} and {self.grad_clip}")
+
+    def lr_schedule(self, total_steps: int) -> LRSchedule:
+        """The schedule of a stage of ``total_steps`` steps."""
+        return LRSchedule(peak=self.lr, warmup_steps=self.warmup_steps, kind=self.schedule,
+                          total_steps=total_steps, floor=self.min_lr)
+
+    def optimizer(self, params: Any) -> torch.optim.AdamW:
+        return torch.optim.AdamW(params, lr=self.lr, betas=self.betas, eps=self.eps,
+                                 weight_decay=self.weight_decay)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -147,6 +189,6 @@ def stage_config_to_dict(cfg: VAEStageConfig) -> dict[str, Any]:
 
 
 __all__ = [
-    "ModelConfig", "OptimConfig", "RayConfig", "StageConfig", "TrainConfig", "VAEStageConfig",
+    "AdamWConfig", "ModelConfig", "OptimConfig", "RayConfig", "StageConfig", "TrainConfig", "VAEStageConfig",
     "load_stage_config", "stage_config_from_dict", "stage_config_to_dict", "stage_kind",
 ]

@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+from catalog.config import from_dict
+from trainer.config import AdamWConfig
 from trainer.metrics import MetricWindow, matmul_params, mfu_percent, transformer_flops_per_token
 from trainer.runtime import (
     EMA,
@@ -66,6 +68,19 @@ def test_schedule_rejects_what_it_cannot_mean() -> None:
         LRSchedule(peak=1e-4, kind="linear")
     with pytest.raises(ValueError, match="floor"):
         LRSchedule(peak=1e-4, kind="cosine", total_steps=10, floor=1e-3)
+
+
+def test_adamw_section_defaults_to_the_cogvideox_recipe() -> None:
+    oc = from_dict(AdamWConfig, {"lr": 2e-4, "warmup_steps": 10})
+    opt = oc.optimizer(nn.Linear(2, 2).parameters())
+    assert (opt.defaults["betas"], opt.defaults["eps"], opt.defaults["weight_decay"]) == ((0.9, 0.95), 1e-8, 1e-4)
+    assert oc.grad_clip == 1.0
+    lr = oc.lr_schedule(total_steps=110)
+    assert (lr(5), lr(10), lr(60), lr(110)) == pytest.approx((1e-4, 2e-4, 1e-4, 0.0))
+    with pytest.raises(ValueError, match="unknown key"):
+        from_dict(AdamWConfig, {"beta": [0.9, 0.9]})
+    with pytest.raises(ValueError, match="expected 'constant' or 'cosine', got 'step'"):
+        AdamWConfig(schedule="step")
 
 
 def test_set_lr_sets_every_group() -> None:
@@ -270,7 +285,7 @@ def _step(model: nn.Module, opt: torch.optim.Optimizer, ema: EMA) -> float:
     nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     ema.update(model)
-    return float(loss)
+    return float(loss.detach())
 
 
 def _state(model: nn.Module, opt: torch.optim.Optimizer, ema: EMA, step: int) -> dict:
