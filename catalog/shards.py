@@ -16,8 +16,8 @@ A sample is the tar members ``<key>.<ext>`` sharing one ``__key__`` (``sample_ke
 - ``mp4`` (H.264 yuv420p, F frames) or ``jpg`` (F = 1): the pixels, from ``encode_h264`` / ``encode_jpg``;
 - ``txt``: the caption, UTF-8;
 - ``json``: clip id, source video id, span, fps, frames, bucket, scores (``META_FIELDS``), sorted keys;
-- ``latent.npy`` / ``text.npy`` (optional, precomputed for the DiT): arrays as ``.npy`` bytes
-  (``encode_array``: no pickles, so reading a shard never runs code).
+- ``latent.npy`` / ``text.npy`` / ``text_mask.npy`` (optional, precomputed for the DiT): arrays as
+  ``.npy`` bytes (``encode_array``: no pickles, so reading a shard never runs code).
 
 Tar members carry fixed metadata (mtime 0, mode 644), and the encoder is single-threaded x264 with
 mbtree off, so the same input gives byte-identical tars run after run.
@@ -49,11 +49,14 @@ IMAGE_KEY = "jpg"
 CAPTION_KEY = "txt"
 META_KEY = "json"
 LATENT_KEY = "latent.npy"
-"""Precomputed VAE latent of the pixels, (C, F', H/8, W/8) with F' = (F - 1) / 4 + 1 (a later issue writes it)."""
+"""Precomputed VAE posterior of the pixels: moments (2C, F', H/8, W/8), mean channels then log-variance
+channels, with F' = (F - 1) / 4 + 1 (trainer.data.encode_precomputed writes it)."""
 TEXT_KEY = "text.npy"
-"""Precomputed text-encoder states of the caption, (tokens, dim) (a later issue writes it)."""
+"""Precomputed text-encoder states of the caption, (tokens, dim) float32."""
+TEXT_MASK_KEY = "text_mask.npy"
+"""Padding mask (tokens,) uint8 of ``text.npy``; a sample without it counts every token as valid."""
 MEDIA_KEYS = (VIDEO_KEY, IMAGE_KEY)
-ARRAY_KEYS = (LATENT_KEY, TEXT_KEY)
+ARRAY_KEYS = (LATENT_KEY, TEXT_KEY, TEXT_MASK_KEY)
 META_FIELDS = ("clip_id", "video_id", "span", "fps", "frames", "bucket", "scores")
 """Fields every sample's ``json`` holds; writers may add more."""
 

@@ -27,6 +27,7 @@ import webdataset as wds
 from catalog.shards import (
     LATENT_KEY,
     TEXT_KEY,
+    TEXT_MASK_KEY,
     bucket_shards,
     decode_array,
     decode_pixels,
@@ -228,9 +229,6 @@ def heldout_clips(cfg: DataConfig, *, rank: int, world_size: int) -> list[torch.
 # keeps drawing posterior noise; ``text.npy`` the T5 states (L, D) and ``text_mask.npy`` their padding
 # mask (L,). A sample with ``latent.npy`` needs no ``mp4``/``jpg``; ``txt`` (the caption) is always required.
 
-TEXT_MASK_KEY = "text_mask.npy"
-"""Padding mask (tokens,) uint8 of the precomputed ``text.npy`` states. Not yet in catalog.shards.ARRAY_KEYS;
-a sample without it counts every token as valid (CogVideoX's DiT attends to all 226 anyway)."""
 LATENT_SCALE_FILE = "latent_scale.json"
 """File in a VAE checkpoint folder holding the measured latent scale factor (``save_latent_scale``)."""
 
