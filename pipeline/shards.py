@@ -313,10 +313,13 @@ def build_shards(
         _remove_temporaries(out_dir)
         return BuildResult("unchanged", old)
     if old is not None and old.get("selection_hash") != digest and not overwrite:
+        if old["version"] != SHARDS_VERSION:
+            held = f"shards in format version {old['version']} (this writer writes version {SHARDS_VERSION})"
+        else:
+            held = f"shards of another selection ({old.get('where')!r}, {old.get('samples')} samples)"
         raise OutputConflictError(
-            f"{out_dir} holds shards of another selection ({old.get('where')!r}, {old.get('samples')} samples);"
-            f" expected an empty folder or the same selection. Replace them with overwrite=True"
-            " (jobs.shards --overwrite) or pick another output."
+            f"{out_dir} holds {held}; expected an empty folder or the same selection. Replace them with"
+            " overwrite=True (jobs.shards --overwrite) or pick another output."
         )
     (out_dir / MANIFEST).unlink(missing_ok=True)  # the old manifest no longer describes the folder
     clean_output(out_dir)

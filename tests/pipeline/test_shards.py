@@ -136,6 +136,22 @@ def test_other_selection_into_same_output_is_refused_unless_overwrite(library, t
     assert sorted(str(p.relative_to(out)) for p in out.glob("*/*")) == ["1x128x128/shard-000000.tar"]
 
 
+def test_output_of_an_older_format_or_unreadable_manifest_is_refused_unless_overwrite(library, tmp_path):
+    images = [r for r in library if r["is_image"]]
+    out = tmp_path / "shards"
+    build_shards(images, out, where="is_image", buckets=SMALL_BUCKETS, shards=FAST)
+    manifest = json.loads((out / MANIFEST).read_text())
+    (out / MANIFEST).write_text(json.dumps(dict(manifest, version="1", selection_hash="from-version-1")))
+    with pytest.raises(OutputConflictError, match="format version 1 .this writer writes version"):
+        build_shards(images, out, where="is_image", buckets=SMALL_BUCKETS, shards=FAST)
+    (out / MANIFEST).write_text(json.dumps({"buckets": {"1x128x128": {"shards": ["1x128x128/shard-000000.tar"]}}}))
+    with pytest.raises(OutputConflictError, match="manifest this writer cannot read"):
+        build_shards(images, out, where="is_image", buckets=SMALL_BUCKETS, shards=FAST)
+    assert build_shards(images, out, where="is_image", buckets=SMALL_BUCKETS, shards=FAST,
+                        overwrite=True).status == "written"
+    assert json.loads((out / MANIFEST).read_text()) == manifest
+
+
 def test_exception_mid_write_leaves_no_half_tar(library, tmp_path):
     out = tmp_path / "shards"
 
