@@ -174,6 +174,8 @@ def test_captions_map_back_to_their_clips_in_order(server):
     # rest; the generous timeout keeps the held request from being retried on a loaded machine.
     results = load_captioner(config(server, timeout_s=WAIT_S, retries=0)).caption(clips)
     assert [r.caption for r in results] == [f"grey {level} with {1 + i % 3} frames" for i, level in enumerate(levels)]
+    # The client can hold the last reply before the server thread has recorded it: wait for the record.
+    assert server.wait_for_replies(len(levels)), server.replied
     assert server.replied[-1] == 20, "the first clip's reply must have come last for this test to mean anything"
     assert load_captioner(config(server)).caption([]) == []
 
