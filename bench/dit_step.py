@@ -173,7 +173,8 @@ def main() -> None:
 
     # ---- loader half: bench/dit_loader.py (another helper's) turns our step rate into loader_ratio= ----
     # The demand is this DiT step alone (latents precomputed), the stricter case: encoding latents on
-    # the fly makes each step slower and the loader's job easier.
+    # the fly makes each step slower and the loader's job easier. On CPU the step rate comes from CPU
+    # time (the uncontended rate), which is stricter again than the wall-clock rate the loader gets.
     if args.loader:
         import tempfile
 

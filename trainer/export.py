@@ -98,7 +98,8 @@ def _checked_state_dict(cfg: DiTConfig, state_dict: Mapping[str, torch.Tensor]) 
         expected = {k: tuple(v.shape) for k, v in DiT(cfg).state_dict().items()}
     missing, unexpected = sorted(expected.keys() - clean.keys()), sorted(clean.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"export: state dict does not fit DiTConfig; missing {missing[:8]}, unexpected {unexpected[:8]}")
+        raise ValueError(
+            f"export: state dict does not fit DiTConfig; missing {missing[:8]}, unexpected {unexpected[:8]}")
     wrong = [(k, tuple(clean[k].shape), s) for k, s in expected.items() if tuple(clean[k].shape) != s]
     if wrong:
         raise ValueError(f"export: shapes differ from DiTConfig (key, got, expected): {wrong[:8]}")

@@ -129,5 +129,6 @@ def test_ddim_sample_with_cfg_matches_a_diffusers_loop():
         v_u, v_c = model(torch.cat([x, x]), both, t.expand(4)).chunk(2)
         x = sched.step(v_u + 6.0 * (v_c - v_u), t, x, return_dict=False)[0]
     torch.testing.assert_close(got, x, rtol=1e-5, atol=1e-5)
-    unguided = D.ddim_sample(model, noise, text, ac=D.alphas_cumprod(), num_steps=10, guidance_scale=1.0, null_text=null)
+    unguided = D.ddim_sample(model, noise, text, ac=D.alphas_cumprod(), num_steps=10, guidance_scale=1.0,
+                             null_text=null)
     assert not torch.allclose(unguided, got)

@@ -77,7 +77,8 @@ class DiTConfig:
             raise ValueError(f"DiTConfig.patch_size_t: expected None or >= 1, got {self.patch_size_t}")
         if self.patch_size_t is not None and self.pos_embed != "rope":
             # As CogVideoX 1.5; diffusers' sin-cos table ignores temporal patches, so no export would match.
-            raise ValueError(f"DiTConfig: patch_size_t={self.patch_size_t} needs pos_embed='rope', got {self.pos_embed!r}")
+            raise ValueError(
+                f"DiTConfig: patch_size_t={self.patch_size_t} needs pos_embed='rope', got {self.pos_embed!r}")
         for name in ("num_layers", "num_heads", "head_dim", "in_channels", "out_channels", "text_dim",
                      "time_embed_dim", "patch_size"):
             if getattr(self, name) < 1:

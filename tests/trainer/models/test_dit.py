@@ -87,7 +87,8 @@ def test_exported_weights_give_diffusers_the_same_output(exported, case):
     if cfg.pos_embed == "rope":
         # Exactly as CogVideoXPipeline builds it (pixel sizes in, latent frames in).
         pipe = types.SimpleNamespace(transformer=ref, vae_scale_factor_spatial=8)
-        rotary = CogVideoXPipeline._prepare_rotary_positional_embeddings(pipe, h * 8, w * 8, frames, torch.device("cpu"))
+        rotary = CogVideoXPipeline._prepare_rotary_positional_embeddings(
+            pipe, h * 8, w * 8, frames, torch.device("cpu"))
     with torch.no_grad():
         got = ours(latents, text, t)
         expected = ref(latents, text, t, image_rotary_emb=rotary, return_dict=False)[0]
@@ -204,7 +205,8 @@ def test_expert_norms_give_text_and_vision_their_own_gradients():
     # norm1's shift and scale, which shape the keys and values vision attends to, can reach the loss.
     last = len(model.transformer_blocks) - 1
     for i, blk in enumerate(model.transformer_blocks):
-        for norm, live_text_rows in ((blk.norm1, 2 * d if i == last else 3 * d), (blk.norm2, 0 if i == last else 3 * d)):
+        live = ((blk.norm1, 2 * d if i == last else 3 * d), (blk.norm2, 0 if i == last else 3 * d))
+        for norm, live_text_rows in live:
             g = norm.linear.weight.grad
             vision, txt = g[: 3 * d], g[3 * d:]
             assert vision.abs().sum(dim=1).gt(0).all()
