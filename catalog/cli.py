@@ -44,6 +44,17 @@ class RefusedStatement(ValueError):
     """A statement that could write was given to the read-only query command."""
 
 
+class UsageError(Exception):
+    """Bad command-line arguments: one line on stderr, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (no usage block), so every usage error reads the same."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def check_read_only(sql: str) -> list[duckdb.Statement]:
     """Parse ``sql`` and return its statements; raise RefusedStatement if any is not a query.
 
@@ -211,7 +222,7 @@ def write_result(result: pa.Table, fmt: str, out: IO[str], *, max_rows: int | No
 
 
 def _query_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="python -m catalog",
         description="Run read-only SQL over a catalog. Tables: videos, clips, rejects, runs, thresholds, kept_clips, "
                     "clip_verdicts, shards, shard_samples, *_history; `FROM column_docs` explains every column. "
@@ -256,7 +267,7 @@ def _parse_threshold_value(text: str) -> float | None:
 
 
 def run_set_threshold(argv: Sequence[str], out: IO[str], err: IO[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m catalog set-threshold",
+    p = _Parser(prog="python -m catalog set-threshold",
                                 description="Change one thresholds row; kept_clips follows at once.")
     p.add_argument("db")
     p.add_argument("name", help=f"one of: {', '.join(r.name for r in db.THRESHOLD_RULES)}")
@@ -271,6 +282,7 @@ def run_set_threshold(argv: Sequence[str], out: IO[str], err: IO[str]) -> int:
             before = con.execute("SELECT count(*) FROM kept_clips").fetchone()[0]
             db.set_threshold(con, args.name, args.value)
             after = con.execute("SELECT count(*) FROM kept_clips").fetchone()[0]
+            exempt = _exemptions(con, db.RULES_BY_NAME[args.name])
         finally:
             con.close()
     except (KeyError, ValueError) as exc:
@@ -281,11 +293,30 @@ def run_set_threshold(argv: Sequence[str], out: IO[str], err: IO[str]) -> int:
         return EXIT_SQL_ERROR
     shown = "off" if args.value is None else args.value
     out.write(f"{args.name} = {shown}; kept_clips: {before} -> {after}\n")
+    for line in exempt:
+        out.write(f"note: {line}\n")
     return 0
 
 
+def _exemptions(con: duckdb.DuckDBPyConnection, rule: db.ThresholdRule) -> list[str]:
+    """Why ``rule`` leaves some clips alone: clips of stand-in runs (model scores) and still images (temporal)."""
+    total, standin, images = con.execute(
+        "SELECT count(*), count(*) FILTER (WHERE standin_models), count(*) FILTER (WHERE coalesce(is_image, false)) "
+        "FROM clip_verdicts").fetchone()
+    notes = []
+    if rule.model and standin:
+        runs = con.execute("SELECT count(DISTINCT run_id) FROM clip_verdicts WHERE standin_models").fetchone()[0]
+        notes.append(f"{rule.name} does not apply to {standin} of {total} clips: they come from {runs} run(s) curated "
+                     f"with tiny random stand-in models (runs.standin_models), whose {rule.column} is meaningless; "
+                     f"curate with real models ([models] standins = false) for this threshold to select them")
+    if rule.temporal and images:
+        notes.append(f"{rule.name} does not apply to the {images} still image(s) (is_image): a single frame has no "
+                     f"{rule.column}")
+    return notes
+
+
 def run_register(argv: Sequence[str], out: IO[str], err: IO[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m catalog register",
+    p = _Parser(prog="python -m catalog register",
                                 description="Register a curation output folder (videos/clips/rejects/runs Parquet).")
     p.add_argument("db")
     p.add_argument("run_dir")
@@ -309,7 +340,7 @@ def run_register(argv: Sequence[str], out: IO[str], err: IO[str]) -> int:
 def run_report(argv: Sequence[str], out: IO[str], err: IO[str]) -> int:
     from catalog import report
 
-    p = argparse.ArgumentParser(prog="python -m catalog report", description="Write the static HTML report.")
+    p = _Parser(prog="python -m catalog report", description="Write the static HTML report.")
     p.add_argument("db")
     p.add_argument("--output", required=True, help="HTML file to write")
     defaults = report.ReportOptions()
@@ -338,6 +369,10 @@ def main(argv: Sequence[str] | None = None, out: IO[str] | None = None, err: IO[
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     commands = {"set-threshold": run_set_threshold, "register": run_register, "report": run_report}
-    if argv and argv[0] in commands:
-        return commands[argv[0]](argv[1:], out, err)
-    return run_query(argv, out, err)
+    try:
+        if argv and argv[0] in commands:
+            return commands[argv[0]](argv[1:], out, err)
+        return run_query(argv, out, err)
+    except UsageError as exc:
+        err.write(f"error: {exc}\n")
+        return EXIT_USAGE

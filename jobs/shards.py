@@ -1,16 +1,17 @@
 """Shard job: a SQL selection over kept_clips in, bucketed WebDataset tars and catalog rows out.
 
     python -m jobs.shards --catalog OUT/catalog.duckdb --where "aesthetic_mean >= 5.0" --output OUT/shards
-    ray job submit --working-dir . -- python -m jobs.shards --catalog ... --where ... --output ...
+    python -m jobs.shards ... --dry-run        # the buckets each clip would go to, touching nothing
+    ray job submit --working-dir . -- python -m jobs.shards --catalog /abs/DB --where ... --output /abs/OUT
 
 Clip encoding runs as Ray tasks (``[ray] task_cpus`` each, no actors holding CPUs); the driver writes
 the tars in clip order, so the same selection gives the same bytes. Re-running the same selection into
-the same output changes nothing.
+the same output changes nothing. Ray's own output goes to OUT/ray.log; a summary table closes the run.
+Exit status: 0 done, 1 no sample could be written, 2 bad arguments, config or selection (one line on stderr).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections import deque
@@ -18,8 +19,9 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from catalog.config import ConfigError, load_section
-from pipeline.buckets import BucketConfig, BucketConfigError
+from catalog.config import load_section
+from jobs import _cli
+from pipeline.buckets import BucketConfig
 from pipeline.shards import OutputConflictError, PlannedClip, RenderResult, ShardConfig, render_clip
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent / "configs" / "shards.toml"
@@ -39,13 +41,11 @@ def _render_task(clip: PlannedClip, cfg: ShardConfig) -> RenderResult:
     return render_clip(clip, cfg)
 
 
-def ray_render_many(ray_cfg: RayConfig, started: list[bool]):
+def ray_render_many(ray_cfg: RayConfig, address: str, out_dir: Path, sessions: list[_cli.RaySession]):
     """A ``RenderMany`` that encodes on Ray and yields results in submission order.
 
-    Ray starts on the first call only, so a re-run that finds the output up to date costs no cluster
-    start. Under ``ray job submit`` RAY_ADDRESS names the cluster; otherwise an in-process one starts
-    ("local" rather than auto, so a stale cluster file from an earlier ``ray start`` is ignored).
-    ``started`` records whether this call started Ray (the caller shuts it down).
+    Ray starts on the first call only (by the jobs' one policy, ``_cli.start_ray``), so a re-run that finds the
+    output up to date costs no cluster start. ``sessions`` receives the session started (the caller closes it).
     """
 
     def render_many(clips: Sequence[PlannedClip], cfg: ShardConfig) -> Iterator[RenderResult]:
@@ -53,13 +53,9 @@ def ray_render_many(ray_cfg: RayConfig, started: list[bool]):
 
         if not clips:
             return
-        if not ray.is_initialized():
-            address = os.environ.get("RAY_ADDRESS", "local")
-            ray.init(address=address, log_to_driver=False)
-            started.append(True)
-            where = "in-process cluster" if address == "local" else f"connected to {address}"
-            print(f"ray: {where}, {ray.cluster_resources().get('CPU', 0):g} CPUs,"
-                  f" {ray_cfg.task_cpus:g} per encode task", flush=True)
+        if not sessions:
+            sessions.append(_cli.start_ray(address, out_dir))
+            print(f"{sessions[0].describe()}; {ray_cfg.task_cpus:g} CPUs per encode task", flush=True)
         task = ray.remote(num_cpus=ray_cfg.task_cpus)(_render_task)
         cfg_ref = ray.put(cfg)
         pending: deque = deque()
@@ -85,23 +81,59 @@ def _progress() -> Callable[[int, int], None]:
     return report
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jobs.shards", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+def _parser() -> _cli.ArgumentParser:
+    ap = _cli.ArgumentParser(prog="python -m jobs.shards", description=__doc__,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--catalog", required=True, help="catalog DuckDB file (jobs.curate writes OUT/catalog.duckdb)")
     ap.add_argument("--where", required=True, help="SQL condition over kept_clips, e.g. \"aesthetic_mean >= 5.0\"")
     ap.add_argument("--output", required=True, help="shard output folder")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML with [buckets], [shards], [ray]")
     ap.add_argument("--overwrite", action="store_true", help="replace shards of a different selection in --output")
-    args = ap.parse_args(argv)
+    ap.add_argument("--limit", type=int, metavar="N", help="only the first N selected clips (by clip id)")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="list the bucket each selected clip would go to and where the tars would be; write nothing")
+    ap.add_argument("--address", help="Ray cluster to join (default: RAY_ADDRESS, else an in-process cluster)")
+    return ap
 
+
+def _dry_run(rows: list[dict], out: Path, where: str, buckets: BucketConfig, shards: ShardConfig) -> int:
+    from catalog.shards import read_manifest
+    from pipeline.shards import plan_shards, selection_hash
+
+    plan = plan_shards(rows, buckets)
     try:
-        buckets = load_section(BucketConfig, args.config, "buckets")
-        shards = load_section(ShardConfig, args.config, "shards")
-        ray_cfg = load_section(RayConfig, args.config, "ray")
-    except (ConfigError, BucketConfigError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        old = read_manifest(out)
+    except ValueError as err:
+        old = {"selection_hash": None, "where": f"unreadable manifest: {err}"}
+    state = "empty or absent"
+    if old is not None:
+        same = old.get("selection_hash") == selection_hash(plan, where, buckets, shards)
+        state = "holds this selection (a run would check it and change nothing if complete)" if same else \
+            f"holds another selection ({old.get('where')!r}): a run needs --overwrite"
+    print("dry run: the catalog was read, nothing was written")
+    per_bucket: dict[str, int] = {}
+    for c in plan.clips:
+        per_bucket[c.bucket.name] = per_bucket.get(c.bucket.name, 0) + 1
+        print(f"  {c.row['clip_id']}  ->  {out}/{c.bucket.name}/")
+    for clip_id, reason in plan.skipped:
+        print(f"  {clip_id}  fits no bucket: {reason}")
+    _cli.summary_table("would do", [
+        ("clips selected", len(rows)), ("to write", len(plan.clips)), ("fit no bucket", len(plan.skipped)),
+        ("buckets", _cli.by_reason(per_bucket)), ("output", f"{out} ({state})"),
+    ])
+    return 0
+
+
+@_cli.entry
+def main(argv: list[str] | None = None) -> int:
+    t0 = time.time()
+    args = _parser().parse_args(argv)
+    if args.limit is not None and args.limit < 1:
+        raise _cli.UsageError(f"--limit: expected a positive number of clips, got {args.limit}")
+    buckets = _cli.load_config(load_section, BucketConfig, args.config, "buckets")
+    shards = _cli.load_config(load_section, ShardConfig, args.config, "shards")
+    ray_cfg = _cli.load_config(load_section, RayConfig, args.config, "ray")
+    _cli.refuse_relative_paths({"--catalog": args.catalog, "--output": args.output})
 
     from catalog.shard_index import SelectionError, register_output, select_clips
     from pipeline.shards import build_shards
@@ -109,28 +141,30 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = select_clips(args.catalog, args.where)
     except (SelectionError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"shards: {len(rows)} kept clips match {args.where!r}", flush=True)
+        raise _cli.UsageError(str(err)) from None
+    where = args.where
+    if args.limit is not None and len(rows) > args.limit:
+        rows, where = rows[:args.limit], f"{args.where} (first {args.limit} by clip_id)"
+    out = Path(args.output).expanduser().resolve()
+    print(f"shards: {len(rows)} kept clips match {where!r}", flush=True)
+    if args.dry_run:
+        return _dry_run(rows, out, where, buckets, shards)
 
-    started: list[bool] = []
+    sessions: list[_cli.RaySession] = []
     try:
-        result = build_shards(rows, args.output, where=args.where, buckets=buckets, shards=shards,
-                              render_many=ray_render_many(ray_cfg, started), overwrite=args.overwrite,
-                              progress=_progress())
+        result = build_shards(rows, args.output, where=where, buckets=buckets, shards=shards,
+                              render_many=ray_render_many(ray_cfg, _cli.ray_address(args.address), out, sessions),
+                              overwrite=args.overwrite, progress=_progress())
     except OutputConflictError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise _cli.UsageError(str(err)) from None
     finally:
-        if started:
-            import ray
-
-            ray.shutdown()
+        for s in sessions:
+            s.close()
 
     index = register_output(args.catalog, args.output)
     m = result.manifest
     verb = "unchanged" if result.status == "unchanged" else "wrote"
-    print(f"shards: {verb} {m['samples']} samples in {m['shards']} tars under {Path(args.output).resolve()}"
+    print(f"shards: {verb} {m['samples']} samples in {m['shards']} tars under {out}"
           f" ({len(m['buckets'])} buckets, {len(m['skipped'])} clips fit no bucket, {len(m['errors'])} errors)")
     for name, b in sorted(m["buckets"].items()):
         rate = f"{b['fps']:g} fps" if b["frames"] > 1 else "image"
@@ -139,6 +173,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  error {e['clip_id']}: {e['error']}", file=sys.stderr)
     print(f"catalog: {'recorded' if index.changed else 'already had'} {index.shards} shards,"
           f" {index.samples} shard_samples rows in {args.catalog}")
+    skipped: dict[str, int] = {}
+    for s in m["skipped"]:
+        reason = str(s["reason"]).split(":")[0]
+        skipped[reason] = skipped.get(reason, 0) + 1
+    _cli.summary_table(f"shards {verb}", [
+        ("inputs", f"{len(rows)} selected clips"),
+        ("samples", f"{m['samples']} in {m['shards']} tars, {len(m['buckets'])} buckets"),
+        ("skipped", f"{len(m['skipped'])} fit no bucket: {_cli.by_reason(skipped)}" if m["skipped"] else "none"),
+        ("errors", len(m["errors"])),
+        ("outputs", f"{out}/<FxHxW>/shard-NNNNNN.tar, {out}/manifest.json"),
+        ("wall time", f"{time.time() - t0:.1f}s"),
+    ])
     if rows and m["samples"] == 0 and m["errors"]:
         return 1
     return 0

@@ -11,19 +11,24 @@ stage). Each trainer module has ``config_from_dict(data)`` (its frozen stage con
 
 Re-running the same config (same [ray] name and storage_path) resumes from the run's latest
 checkpoint. Relative paths in the config are resolved against the current directory here, once,
-so every worker sees the same absolute paths. Exits non-zero when training fails.
+so every worker sees the same absolute paths; under ``ray job submit`` that directory is Ray's temporary
+working directory, so there the job refuses relative paths (naming the key) instead.
+Console: the rank-0 metric line per logged step, Ray's own output in STORAGE/NAME/ray.log, a summary at the end.
+Exit status: 0 done, 1 training failed, 2 bad arguments or config (one line on stderr).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import importlib
-import os
+import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 from catalog.config import load_toml
+from jobs import _cli
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import stage_kind
 
@@ -41,13 +46,14 @@ def load_stage(path: str | Path) -> Any:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
+    p = _cli.ArgumentParser(prog="python -m jobs.train", description=__doc__.split("\n")[0])
     p.add_argument("--config", required=True, help="stage TOML, e.g. jobs/configs/vae_stage1.toml")
     p.add_argument("--workers", type=int, help="override [ray] workers (one process per GPU or CPU worker)")
     p.add_argument("--gpus-per-worker", type=float, help="override [ray] gpus_per_worker")
     p.add_argument("--cpus-per-worker", type=float, help="override [ray] cpus_per_worker")
     p.add_argument("--steps", type=int, help="override [train] steps")
-    p.add_argument("--address", default=None, help="Ray address; 'local' starts an in-process cluster")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, else 'local': an in-process cluster)")
     return p.parse_args(argv)
 
 
@@ -98,19 +104,53 @@ def build_trainer(cfg: Any):
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    cfg = resolve(load_stage(args.config), args)
-    import ray
+def _show_worker_line(line: str) -> str | None:
+    """The workers' lines that are the job's own progress: rank-0 metric lines and rank notes."""
+    if line.startswith("[rank "):
+        return line
+    if line.startswith("{") and '"step"' in line:
+        try:
+            metrics = json.loads(line)
+        except json.JSONDecodeError:
+            return None
+        if isinstance(metrics, dict) and "step" in metrics:
+            rest = "  ".join(f"{k}={v}" for k, v in metrics.items() if k != "step")
+            return f"step {metrics['step']}: {rest}"
+    return None
 
-    if not ray.is_initialized():
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS"))
-    result = build_trainer(cfg).fit()
+
+@_cli.entry
+def main(argv: list[str] | None = None) -> int:
+    t0 = time.time()
+    args = parse_args(argv)
+    raw = _cli.load_config(load_stage, args.config)
+    _cli.refuse_relative_paths({f"[{d.split('.')[0]}] {d.split('.')[1]}": _path_value(raw, d)
+                                for d in type(raw).PATH_FIELDS})
+    cfg = resolve(raw, args)
+    run_dir = Path(cfg.ray.storage_path) / cfg.ray.name if "://" not in cfg.ray.storage_path else None
+    session = _cli.start_ray(_cli.ray_address(args.address), run_dir, show=_show_worker_line)
+    print(session.describe(), flush=True)
+    try:
+        result = build_trainer(cfg).fit()
+    finally:
+        session.close()
     if result.error is not None:
-        print(f"training failed: {result.error!r}", file=sys.stderr)
+        print(f"training failed: {_cli.one_line(repr(result.error))[:2000]}", file=sys.stderr)
         return 1
-    print(f"done: step {result.metrics.get('step')} checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    step = result.metrics.get("step")
+    _cli.summary_table(f"trained {cfg.ray.name} ({cfg.stage.kind})", [
+        ("workers", f"{cfg.ray.workers} x ({cfg.ray.cpus_per_worker:g} CPU, {cfg.ray.gpus_per_worker:g} GPU)"),
+        ("steps", f"{step} of {cfg.train.steps}"),
+        ("checkpoint", result.checkpoint.path if result.checkpoint else "none"),
+        ("wall time", f"{time.time() - t0:.1f}s"),
+    ])
+    print(f"done: step {step} checkpoint {result.checkpoint.path if result.checkpoint else None}")
     return 0
+
+
+def _path_value(cfg: Any, dotted: str) -> str:
+    section, name = dotted.split(".")
+    return getattr(getattr(cfg, section), name)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,6 +31,9 @@ from pipeline.settings import CurateConfig
 from pipeline.stages import ModelSources, analyze_row, get_stage
 
 TABLE_FILES = ("videos", "clips", "rejects")
+
+# progress(inputs done, inputs to do, uri, what became of it)
+Progress = Callable[[int, int, str, str], None]
 
 
 def log(msg: str) -> None:
@@ -100,13 +103,16 @@ def _rows_for(table: str, records: list[dict[str, Any]], run_id: str) -> pa.Tabl
 class PartWriter:
     """Collects rows as they stream out of Ray and writes an input's parts once all its rows have arrived."""
 
-    def __init__(self, out: Path, run_id: str, scoring_hash: str, uris: dict[str, str]) -> None:
+    def __init__(self, out: Path, run_id: str, scoring_hash: str, uris: dict[str, str],
+                 progress: Progress | None = None) -> None:
         self.parts = out / "_parts"
         self.run_id = run_id
         self.scoring_hash = scoring_hash
         self.uris = uris
         self.pending: dict[str, dict[str, Any]] = {}
         self.done = 0
+        self.total = len(uris)
+        self.progress = progress
 
     def marker(self, key: str) -> Path:
         return self.parts / "done" / f"{key}.json"
@@ -153,7 +159,10 @@ class PartWriter:
                                        "mtime_ns": st.st_mtime_ns, "run_id": self.run_id}), self.marker(key))
         del self.pending[key]
         self.done += 1
-        log(f"[{self.done}] {Path(uri).name}: {status}")
+        if self.progress is not None:
+            self.progress(self.done, self.total, uri, status)
+        else:
+            log(f"[{self.done}] {Path(uri).name}: {status}")
 
 
 def _read_parts(folder: Path, table: str) -> pa.Table:
@@ -255,7 +264,9 @@ class RunSummary:
     standins: bool
 
 
-def curate(cfg: CurateConfig) -> RunSummary:
+def curate(cfg: CurateConfig, *, limit: int | None = None, progress: Progress | None = None) -> RunSummary:
+    """Run the curation ``cfg`` describes. ``limit``: only the first N inputs (sorted by path).
+    ``progress(done, total, uri, status)`` is called as each input's rows are written (default: a log line)."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -274,11 +285,13 @@ def curate(cfg: CurateConfig) -> RunSummary:
         generate_sample(input_root)
         log(f"no --input given: curating the built-in generated sample in {input_root}")
     uris, ignored = list_inputs(input_root, cfg.run.extensions)
+    uris = uris[:limit] if limit is not None else uris
     run_id = make_run_id(cfg, uris)
     scoring_hash = hashlib.sha256(_scoring_config(cfg).encode()).hexdigest()[:16]
     keys = {uri_key(u): u for u in uris}
-    writer = PartWriter(out, run_id, scoring_hash, keys)
+    writer = PartWriter(out, run_id, scoring_hash, keys, progress)
     todo = [u for u in uris if not writer.is_done(uri_key(u), u)]
+    writer.total = len(todo)
     log(f"run {run_id}: {len(uris)} inputs ({len(uris) - len(todo)} already done, {len(todo)} to process, "
         f"{len(ignored)} ignored for their extension)")
 
