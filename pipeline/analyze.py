@@ -170,13 +170,21 @@ def analyze_video(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
         scene_start = end
 
     n_decoded = 0
+    last = -1
+    damage: list[tuple[int, int]] = []  # frame ranges the decode could not deliver cleanly (salvaged around)
     try:
         if decode.backend == "decord":
             source = ((i, None, f) for i, f in media.open_frames(path, info, max_side=decode.max_side, backend="decord"))
         else:
-            source = media.iter_analysis(path, info, detect_width=scenecut.detect_width, max_side=decode.max_side, keep=keep)
+            source = media.iter_analysis(path, info, detect_width=scenecut.detect_width, max_side=decode.max_side,
+                                         keep=keep, damage=damage)
         for index, small, frame in source:
             n_decoded += 1
+            if index != last + 1:  # frames [last + 1, index) are damaged: close the scene before, no clip spans them
+                if scene_start <= last:
+                    close_scene(last + 1)
+                scene_start = index
+            last = index
             if small is None:
                 detector.push(index, frame)
                 frame = frame if keep(index) else None
@@ -193,14 +201,14 @@ def analyze_video(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
         for c in cuts:  # the ones the end-of-stream flush released
             if c > scene_start:
                 close_scene(c)
-        close_scene(n_decoded)
+        close_scene(last + 1)
         clips = [f.result() for f in futures]
     except media.MediaError as err:
         return _reject(uri, video_id, "decode", err)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    return _video_result(uri, info, probe_s, "pyav" if decode.backend != "decord" else "decord", n_decoded, cuts,
-                         detector.name, clips)
+    return _video_result(uri, info, probe_s, media.analysis_decoder(info) if decode.backend != "decord" else "decord",
+                         n_decoded, cuts, detector.name, clips, damage)
 
 
 def _score_span(info, video_id, start, end, fps, scene, decode: DecodeConfig, prefilter: PrefilterConfig) -> ClipResult:
@@ -213,9 +221,10 @@ def _score_span(info, video_id, start, end, fps, scene, decode: DecodeConfig, pr
     return _score_clip(info, video_id, start, end, fps, frames, times, decode, prefilter)
 
 
-def _video_result(uri, info, probe_s, decoder, n_decoded, cuts, detector_name, clips) -> VideoResult:
+def _video_result(uri, info, probe_s, decoder, n_decoded, cuts, detector_name, clips, damage=()) -> VideoResult:
     row = info.to_row()
     row.update(
+        damaged_frames=[[int(a), int(b)] for a, b in damage],
         probe_seconds=probe_s,
         decoder=decoder,
         frames=int(n_decoded),

@@ -21,6 +21,11 @@ Odd sizes (an 853x480 VP9, a 161x121 MPEG-4) are decoded at their true size: 4:2
 odd side hold ``ceil(side / 2)`` samples, and no pixel is cropped. ``output_size`` is therefore odd
 for such a source when it is not downscaled.
 
+A video whose decode fails part-way (a damaged stretch, a truncated tail) can be salvaged by the
+curation decode (``iter_analysis(..., damage=[])``): it yields only the frames that decoded cleanly,
+named by their timestamps, drops those decoded from concealed data up to the next keyframe, and
+reports the damaged ranges. ``open_frames`` and ``read_span`` stay strict (every frame, or an error).
+
 Every failure caused by the input itself raises a ``MediaError`` subclass whose message says what
 was expected and what came; the pipeline turns those into ``rejects`` rows. ``probe`` and every decode
 also turn anything else a decoder or library raises for one input (an ``AssertionError`` in PyAV, a
@@ -327,6 +332,11 @@ def _animated_fields(image_format: str, width: int, height: int, durations: np.n
 def _is_animated_image(info: MediaInfo) -> bool:
     """An animated GIF/PNG/WebP/AVIF: a video that Pillow decodes."""
     return not info.is_image and info.container.startswith("image/")
+
+
+def analysis_decoder(info: MediaInfo) -> str:
+    """The decoder ``iter_analysis`` uses for this file (the ``videos.decoder`` value): pyav or pillow."""
+    return "pillow" if _is_animated_image(info) else "pyav"
 
 
 def _open_container(path: Path) -> av.container.InputContainer:
@@ -793,6 +803,110 @@ def _counted_frames(path: Path, info: MediaInfo) -> Iterator[tuple[int, av.Video
         raise DecodeError(f"expected {info.frames} frames (probe's count), PyAV decoded {produced}: {path}")
 
 
+class _Lost:
+    """A failure in the decode loop: ``pts`` of the packet that failed, None when the demuxer gave up."""
+
+    def __init__(self, pts: int | None) -> None:
+        self.pts = pts
+
+
+def _decode_events(container: av.container.InputContainer, stream: av.VideoStream
+                   ) -> Iterator[av.VideoFrame | _Lost]:
+    """``_decode_tolerant`` that says where it lost something: a ``_Lost`` for each packet that failed
+    to decode and for a demuxer that gave up."""
+    try:
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.FFmpegError:
+                yield _Lost(packet.pts)
+                continue
+            yield from frames
+    except av.FFmpegError:
+        yield _Lost(None)
+
+
+def _index_by_timestamp(path: Path, info: MediaInfo, why: str) -> dict[int, int]:
+    with _open_container(path) as container:
+        stamps = _frame_timestamps(container, _video_stream(container, path), path)
+    if stamps is None or len(stamps) != info.frames:
+        got = "no timestamps" if stamps is None else f"{len(stamps)} timestamps"
+        raise DecodeError(f"expected {info.frames} frames (probe's count); {why}, and the stream's {got} "
+                          f"cannot say which frames the others are: {path}")
+    return {ts: i for i, ts in enumerate(stamps)}
+
+
+def _salvaged_frames(path: Path, info: MediaInfo, damage: list[tuple[int, int]]
+                     ) -> Iterator[tuple[int, av.VideoFrame]]:
+    """``(index, frame)`` for the frames that decode cleanly; the ``[start, end)`` ranges of the rest are
+    appended to ``damage`` when the stream ends. Indices rise strictly but may skip.
+
+    While nothing goes wrong frames are counted, as in ``_counted_frames``. From the first failed packet,
+    corrupt-flagged frame or skipped timestamp on, frames are named by their timestamps (probe's list),
+    and after each failure at frame ``f`` every frame out of the decoder is dropped until a keyframe
+    after ``f``: decoders conceal lost data by copying from neighbouring pictures, and frames that come
+    out after a failure may reference the lost one, so those pictures are not the video's. Raises
+    ``DecodeError`` when no frame decodes cleanly, or when frames went missing or came extra with no
+    failure to say where (the indices already handed out could be wrong).
+    """
+    good = np.zeros(info.frames, dtype=bool)
+    index_of: dict[int, int] | None = None   # timestamp -> index, read at the first failure
+    counted = 0                              # frames out of the decoder
+    last, last_pts = -1, None                # the last frame handed out
+    drop_to: int | None = None               # after a failure: drop frames until a keyframe past this index
+
+    def switch_to_timestamps(why: str) -> dict[int, int]:
+        table = _index_by_timestamp(path, info, why)
+        if last >= 0 and table.get(last_pts) != last:
+            raise DecodeError(f"expected frame {last} to carry timestamp {last_pts}, the stream says it is frame "
+                              f"{table.get(last_pts)}: frames went missing before the first decode error: {path}")
+        return table
+
+    def failed_at(f: int | None) -> int:
+        # Unknown position (demuxer gave up, timestamp probe did not list): assume the worst, the end.
+        f = info.frames if f is None else f
+        return f if drop_to is None else max(drop_to, f)
+
+    with _open_container(path) as container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "AUTO"
+        for frame in _decode_events(container, stream):
+            lost = isinstance(frame, _Lost)
+            if lost or frame.is_corrupt:
+                if index_of is None:
+                    index_of = switch_to_timestamps("decoding failed part-way")
+                drop_to = failed_at(index_of.get(frame.pts))
+                continue
+            index = counted if index_of is None else index_of.get(frame.pts)
+            counted += 1
+            if index is not None and index > last + 1 and index_of is not None and drop_to is None:
+                drop_to = last + 1  # a frame vanished without an error: what follows may reference it
+            if drop_to is not None:
+                if not (frame.key_frame and index is not None and index > drop_to):
+                    continue
+                drop_to = None
+            if index is None or index <= last or index >= info.frames:
+                if index_of is None and index is not None and index >= info.frames:
+                    raise DecodeError(f"expected {info.frames} frames (probe's count), PyAV decoded more: {path}")
+                continue  # a timestamp probe did not count, or a repeat
+            good[index] = True
+            last, last_pts = index, frame.pts
+            yield index, frame
+    if index_of is None and counted != info.frames:
+        # No failure, yet fewer frames: fine if they simply stop (a truncated tail), not if some went missing.
+        if counted == 0:
+            raise DecodeError(f"expected {info.frames} frames (probe's count), PyAV decoded none: {path}")
+        switch_to_timestamps(f"PyAV decoded {counted} without an error")
+    if not good.any():
+        raise DecodeError(f"expected {info.frames} frames (probe's count), none decoded cleanly: {path}")
+    bad = np.flatnonzero(~good)
+    if len(bad):
+        breaks = np.flatnonzero(np.diff(bad) > 1)
+        starts = np.concatenate([bad[:1], bad[breaks + 1]])
+        ends = np.concatenate([bad[breaks], bad[-1:]]) + 1
+        damage.extend((int(a), int(b)) for a, b in zip(starts, ends))
+
+
 def _iter_pyav(path: Path, info: MediaInfo, max_side: int | None) -> Iterator[tuple[int, np.ndarray]]:
     size = _coded_target(info, max_side)
     for index, frame in _counted_frames(path, info):
@@ -902,7 +1016,8 @@ def _shrink_plane(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 
 def iter_analysis(path: str | Path, info: MediaInfo, *, detect_width: int, max_side: int,
-                  keep: Callable[[int], bool], prefetch: bool = True
+                  keep: Callable[[int], bool], prefetch: bool = True,
+                  damage: list[tuple[int, int]] | None = None
                   ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """One decode of a video for curation: ``(index, small_bgr, rgb_or_None)`` per frame.
 
@@ -914,11 +1029,17 @@ def iter_analysis(path: str | Path, info: MediaInfo, *, detect_width: int, max_s
     costs more than decoding it. Here 4:2:0 frames are read as planes, the detector's copy is built from
     shrunk planes, and only the kept frames are converted at full size. Runs in a background thread
     with ``prefetch``, so conversion overlaps the consumer's scene cut and scoring.
+
+    ``damage``: None (every frame must decode, else ``DecodeError``, as ``open_frames``), or a list
+    to salvage a video whose decode fails part-way: the frames that did not decode cleanly (and those
+    decoded from damaged data, up to the next keyframe) are skipped, so indices may jump, and their
+    ``[start, end)`` ranges are appended to the list when the stream ends. ``DecodeError`` still comes
+    when no frame decodes cleanly (or frames vanish with no error to place them).
     """
     path = Path(path)
     if info.is_image:
         raise ValueError(f"expected a video, got an image: {path}")
-    src = _guarded(_analysis_frames(path, info, detect_width, output_size(info, max_side), keep),
+    src = _guarded(_analysis_frames(path, info, detect_width, output_size(info, max_side), keep, damage),
                    "the analysis decode", path)
     if not prefetch:
         return src
@@ -926,7 +1047,8 @@ def iter_analysis(path: str | Path, info: MediaInfo, *, detect_width: int, max_s
 
 
 def _analysis_frames(path: Path, info: MediaInfo, detect_width: int, size: tuple[int, int],
-                     keep: Callable[[int], bool]) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+                     keep: Callable[[int], bool], damage: list[tuple[int, int]] | None
+                     ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     w, h = info.width, info.height
     dw = min(detect_width, w) // 4 * 4  # I420 at the small size needs sides divisible by 4 (even chroma rows)
     dsize = (max(4, dw), max(4, round(h * dw / w / 4) * 4))
@@ -935,7 +1057,8 @@ def _analysis_frames(path: Path, info: MediaInfo, detect_width: int, size: tuple
             small = cv2.cvtColor(_shrink_plane(full, dsize), cv2.COLOR_RGB2BGR)
             yield index, small, _shrink_plane(full, size) if keep(index) else None
         return
-    for index, frame in _counted_frames(path, info):
+    decoded = _counted_frames(path, info) if damage is None else _salvaged_frames(path, info, damage)
+    for index, frame in decoded:
         kept = keep(index)
         if frame.format.name in _PLANAR_420 and frame.width == w and frame.height == h:
             if w % 2 == 0 and h % 2 == 0:

@@ -693,3 +693,100 @@ def test_prefetch_gives_the_same_frames_and_cleans_up(sample_dir, media_dir):
         assert [i for i, _ in first] == [0, 1, 2]
         stream.close()  # a consumer that stops early must not leave a decoder thread behind
         assert threading.active_count() == before
+
+
+# ---------------------------------------------------------------------------------------------
+# salvage: a decode that fails part-way keeps what decoded cleanly
+
+
+def _gop15(path: Path, n: int, *, faststart: bool = False) -> Path:
+    """A panning noise texture, H.264 with a keyframe every 15 frames (single-threaded: same bytes each run)."""
+    rng = np.random.default_rng(0)
+    texture = rng.integers(0, 255, (120, 160 + 2 * n, 3), dtype=np.uint8)
+    with av.open(str(path), "w", options={"movflags": "faststart"} if faststart else {}) as container:
+        stream = container.add_stream("libx264", rate=30,
+                                      options={"x264-params": "keyint=15:min-keyint=15:scenecut=0:mbtree=0"})
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.codec_context.thread_count = 1
+        for i in range(n):
+            rgb = np.ascontiguousarray(texture[:, 2 * i:2 * i + 160])
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")))
+        container.mux(stream.encode())
+    return path
+
+
+def _zero_packet(src: Path, dst: Path, frame: int) -> Path:
+    """Copy ``src`` with the payload of display frame ``frame``'s packet zeroed (what a bad sector does)."""
+    with av.open(str(src)) as container:
+        packets = sorted((p.pts, p.pos, p.size) for p in container.demux(video=0) if p.size)
+    _, pos, size = packets[frame]
+    data = bytearray(src.read_bytes())
+    data[pos:pos + size] = bytes(size)
+    dst.write_bytes(bytes(data))
+    return dst
+
+
+def _analysis(path: Path, info, damage):
+    return {i: rgb for i, _, rgb in iter_analysis(path, info, detect_width=64, max_side=160, keep=lambda i: True,
+                                                  damage=damage)}
+
+
+@pytest.mark.parametrize("lost", [100, 121, 128])
+def test_damaged_middle_keeps_the_frames_that_decode_cleanly(tmp_path, lost):
+    clean = _gop15(tmp_path / "clean.mp4", 240)
+    path = _zero_packet(clean, tmp_path / "damaged.mp4", lost)
+    info = probe(path)
+    assert info.frames == 240  # the index is intact: probe counts every frame
+    with pytest.raises(DecodeError, match="expected 240 frames"):  # the strict decode still refuses it
+        list(iter_analysis(path, info, detect_width=64, max_side=160, keep=lambda i: True))
+
+    damage: list[tuple[int, int]] = []
+    got = _analysis(path, info, damage)
+    (start, end), = damage
+    # The lost frame and everything up to the next keyframe (frames decoded from concealed data) are out.
+    assert start <= lost < end and end % 15 == 0 and end - start <= 30
+    assert sorted(got) == [i for i in range(240) if not start <= i < end]
+    # What is kept is exactly what the intact file decodes to at those indices.
+    ref = _analysis(clean, probe(clean), [])
+    for i in got:
+        np.testing.assert_array_equal(got[i], ref[i], err_msg=f"frame {i}")
+
+
+def test_truncated_file_with_its_index_keeps_the_head(tmp_path):
+    whole = _gop15(tmp_path / "whole.mp4", 90, faststart=True)  # moov first: the index survives the cut
+    data = whole.read_bytes()
+    path = tmp_path / "cut.mp4"
+    path.write_bytes(data[: len(data) * 3 // 5])
+    info = probe(path)
+    damage: list[tuple[int, int]] = []
+    got = _analysis(path, info, damage)
+    assert damage and damage[-1][1] == info.frames and len(damage) == 1
+    assert sorted(got) == list(range(damage[0][0])) and len(got) > 30
+    ref = _analysis(whole, probe(whole), [])
+    for i in got:
+        np.testing.assert_array_equal(got[i], ref[i])
+
+
+def test_nothing_decodable_is_still_an_error(bad_inputs):
+    path = bad_inputs["undecodable"]
+    with pytest.raises(DecodeError):
+        info = probe(path)
+        list(iter_analysis(path, info, detect_width=64, max_side=160, keep=lambda i: True, damage=[]))
+
+
+def test_cpu_stage_keeps_the_clips_around_the_damage(tmp_path):
+    from pipeline.analyze import analyze_video
+    from pipeline.scenecut import SceneCutConfig
+    from pipeline.settings import DecodeConfig, PrefilterConfig
+
+    clean = _gop15(tmp_path / "clean.mp4", 240)
+    path = _zero_packet(clean, tmp_path / "damaged.mp4", 121)
+    res = analyze_video(str(path), DecodeConfig(), SceneCutConfig(), PrefilterConfig())
+    assert res.reject is None, res.reject
+    (start, end), = res.video["damaged_frames"]
+    assert start <= 121 < end and res.video["frames"] == 240 - (end - start)
+    spans = [(c.record["start_frame"], c.record["end_frame"]) for c in res.clips]
+    assert any(e <= start for _, e in spans) and any(s >= end for s, _ in spans), spans
+    assert all(e <= start or s >= end for s, e in spans), spans  # no clip covers a damaged frame
+    intact = analyze_video(str(clean), DecodeConfig(), SceneCutConfig(), PrefilterConfig())
+    assert intact.video["damaged_frames"] == [] and intact.video["frames"] == 240
