@@ -227,7 +227,7 @@ def main(cfg: VAEStageConfig, run: RunContext) -> list[dict[str, float]]:
     window = MetricWindow()
     for step in range(start_step + 1, tc.steps + 1):
         set_lr(opt, schedule(step))
-        bucket, x = batches.batch(step)  # x: (B, 3, T, H, W)
+        _, x = batches.batch(step)  # (bucket name, (B, 3, T, H, W))
         x = x.to(device, non_blocking=True)
         parts = train_step(model, disc, perceptual, opt, opt_d, x, step, cfg.loss, oc.grad_clip, autocast)
         ema.update(model)
