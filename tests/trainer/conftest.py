@@ -15,3 +15,31 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+# --- DiT stage: one tiny trained VAE, stand-in T5 and shards for every DiT test ----------------------------------
+
+
+def _dit_fixtures():
+    import sys
+    from pathlib import Path
+
+    sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/dit_fixtures.py, shared with tests/jobs
+    import dit_fixtures
+
+    return dit_fixtures
+
+
+@pytest.fixture(scope="session")
+def dit_assets(tmp_path_factory) -> dict:
+    """{"shards", "t5", "vae"}: synthetic 9x32x32 video and 1x32x32 image shards, a stand-in T5 and a
+    tiny VAE run trained on them (latent scale measured and stored). ~15 s, once per session."""
+    return _dit_fixtures().build_assets(tmp_path_factory.getbasetemp() / "dit_assets")
+
+
+@pytest.fixture(scope="session")
+def sample_dit_shards(sample_curation, tmp_path_factory):
+    """The built-in sample's kept clips as 9-frame and image shards at 48x80-ish buckets (slow: needs the
+    session's sample curation)."""
+    return _dit_fixtures().build_sample_shards(sample_curation / "catalog.duckdb",
+                                               tmp_path_factory.getbasetemp() / "sample_dit_shards")

@@ -1,0 +1,183 @@
+"""The DiT stage in one process: config, data checked first, resume, samples beside the checkpoint, learning.
+
+Every test shares the session's tiny trained VAE, stand-in T5 and shards (``dit_assets``,
+tests/dit_fixtures.py). The 2-worker Ray Train run is in tests/jobs/test_dit_jobs.py.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from catalog.shards import parse_bucket, read_manifest
+from trainer.checkpoint import latest_checkpoint, load_checkpoint, write_video
+from trainer.config import RayConfig
+from trainer.data import DiTBatches, DiTDataConfig, batch_latents, posterior_generator
+from trainer.diffusion import alphas_cumprod
+from trainer.models.dit import DiT, DiTConfig
+from trainer.runtime import LocalRun, seed_everything
+from trainer.sampling import Sampler, load_vae
+from trainer.text import TextEncoder
+from trainer.train_dit import config_from_dict, fixed_eval_loss, main
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/dit_fixtures.py, shared with tests/jobs
+import dit_fixtures  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def cfg_for(assets: dict[str, Path], **sections: dict[str, Any]):
+    return config_from_dict(dit_fixtures.dit_stage(assets, **sections))
+
+
+def test_config_names_the_bad_key_or_value(dit_assets) -> None:
+    with pytest.raises(ValueError, match="unknown key.*'stepz'"):
+        cfg_for(dit_assets, train={"stepz": 3})
+    with pytest.raises(ValueError, match="expected \\[stage\\] kind = 'dit', got 'vae'"):
+        cfg_for(dit_assets, stage={"kind": "vae"})
+    with pytest.raises(ValueError, match="sample_every=3 must be a multiple of ckpt_every=2"):
+        cfg_for(dit_assets, train={"sample_every": 3})
+    with pytest.raises(ValueError, match="warmup_steps=10 must be below \\[train\\] steps=4"):
+        cfg_for(dit_assets, optim={"warmup_steps": 10})
+    with pytest.raises(ValueError, match="preset: expected one of"):
+        cfg_for(dit_assets, model={"preset": "7b"})
+    cfg = cfg_for(dit_assets)
+    assert cfg.optim.betas == (0.9, 0.95) and cfg.optim.eps == 1e-8 and cfg.optim.weight_decay == 1e-4
+    assert cfg.optim.grad_clip == 1.0 and isinstance(cfg.ray, RayConfig)
+    assert config_from_dict(__import__("dataclasses").asdict(cfg)) == cfg  # what Ray workers receive
+
+
+def test_a_missing_bucket_fails_before_any_model_is_loaded(dit_assets, tmp_path: Path) -> None:
+    # The VAE checkpoint does not exist either: the error must be the data's, raised first.
+    cfg = cfg_for(dit_assets, vae={"checkpoint": str(tmp_path / "no_vae")},
+                  data={"buckets": ["9x32x32", "49x32x32"], "weights": [1, 1], "batch_sizes": [1, 1]})
+    with pytest.raises(FileNotFoundError, match="bucket 49x32x32: expected the folder"):
+        main(cfg, LocalRun(tmp_path / "run", device=CPU))
+    assert not (tmp_path / "run").exists()
+
+
+def _decode_frames(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def test_resume_continues_with_the_same_next_step_loss(dit_assets, tmp_path: Path) -> None:
+    straight = main(cfg_for(dit_assets), LocalRun(tmp_path / "straight", device=CPU))
+    assert [m["step"] for m in straight] == [1, 2, 3, 4]
+    # Joint image-video: both kinds were drawn, each logged under its own key.
+    assert any("loss_image" in m for m in straight) and any("loss_video" in m for m in straight)
+
+    # A run stopped after its step-2 checkpoint: the same config resumed from that checkpoint alone.
+    shutil.copytree(tmp_path / "straight" / "checkpoint_000002", tmp_path / "split" / "checkpoint_000002")
+    resumed = main(cfg_for(dit_assets), LocalRun(tmp_path / "split", device=CPU))
+    assert [m["step"] for m in resumed] == [3, 4]
+    for a, b in zip(straight[2:], resumed, strict=True):
+        for key in [k for k in a if k.startswith("loss") or k == "grad_norm"]:
+            assert b[key] == a[key], f"{key} at step {a['step']}: resumed {b[key]} vs uninterrupted {a[key]}"
+
+    end_a, _ = load_checkpoint(latest_checkpoint(tmp_path / "straight"), rank=0)
+    end_b, _ = load_checkpoint(latest_checkpoint(tmp_path / "split"), rank=0)
+    assert end_a["data_position"] == end_b["data_position"]
+    for part in ("model", "ema"):
+        for key, value in end_a[part].items():
+            assert torch.equal(end_b[part][key], value), f"{part}.{key}"
+
+
+def test_checkpoint_records_the_encoders_and_samples_sit_beside_it(dit_assets, tmp_path: Path) -> None:
+    main(cfg_for(dit_assets), LocalRun(tmp_path / "run", device=CPU))
+    folder = tmp_path / "run" / "checkpoint_000004"
+    state, _ = load_checkpoint(folder, rank=0)
+    assert state["text_encoder"]["standin"] is True and "stand-in" in state["text_encoder"]["description"]
+    stored = json.loads((latest_checkpoint(dit_assets["vae"]) / "latent_scale.json").read_text())["latent_scale"]
+    assert state["latent_scale"] == pytest.approx(stored)
+    assert state["dit_config"]["text_dim"] == 32 and state["dit_config"]["max_text_len"] == 16
+    assert not list((tmp_path / "run" / "checkpoint_000002").glob("*.mp4"))  # sample_every = 4
+
+    # One mp4 per prompt (9 frames of 32x32: the first video bucket) and one contact sheet.
+    videos = sorted(folder.glob("sample_step000004_*.mp4"))
+    assert [p.name for p in videos] == ["sample_step000004_0.mp4", "sample_step000004_1.mp4"]
+    frames = [_decode_frames(p) for p in videos]
+    assert [len(f) for f in frames] == [9, 9] and frames[0][0].shape == (32, 32, 3)
+    sheet = Image.open(folder / "samples_step000004.png")
+    assert sheet.size[0] == 6 * 32 and sheet.size[1] == 2 * (32 + 14)
+    meta = json.loads((folder / "samples_step000004.json").read_text())
+    assert meta["prompts"] == ["a red car drives through snow", "a cat on a table"] and meta["weights"] == "ema"
+
+    # The same checkpoint sampled afterwards (jobs.sample's path) gives the same first video.
+    sampler = Sampler.from_checkpoint(folder, device=CPU)
+    again = sampler.generate(["a red car drives through snow"], frames=9, height=32, width=32, steps=3,
+                             guidance_scale=3.0)[0]
+    # The encoder is deterministic, so the same frames give the same bytes.
+    assert write_video(tmp_path / "again.mp4", again).read_bytes() == videos[0].read_bytes()
+
+
+# ---------------------------------------------------------------------------------------------
+# Learning is real: a few clips of the built-in sample, overfit; captions matter
+# ---------------------------------------------------------------------------------------------
+
+LEARN_STEPS = 300
+LOSS_FALL = 3.0
+"""Fixed-timestep loss of the untrained model over that of the trained one, on the training clips."""
+
+
+def _clips(root: Path, bucket: str, n: int, vae, scale: float, encoder) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Every sample of ``bucket``: DiT latents (n, t, C, h, w), caption embeddings (n, L, D) and captions."""
+    data = DiTDataConfig(root=str(root), buckets=(bucket,), weights=(1.0,), batch_sizes=(n,), shardshuffle=False,
+                         num_workers=0)
+    batch = next(iter(DiTBatches(data, seed=0)))
+    x0 = batch_latents(batch, scale=scale, vae=vae, generator=posterior_generator(0, 0, 0)).permute(0, 2, 1, 3, 4)
+    return x0, encoder.encode(batch["captions"])[0].float(), batch["captions"]
+
+
+@pytest.mark.slow
+def test_the_tiny_dit_overfits_sample_clips_and_uses_their_captions(dit_assets, sample_dit_shards, tmp_path) -> None:
+    manifest = read_manifest(sample_dit_shards)["buckets"]
+    video = max((b for b in manifest if parse_bucket(b)[0] > 1), key=lambda b: manifest[b]["samples"])
+    n = min(manifest[video]["samples"], 4)
+    image = [b for b in manifest if parse_bucket(b)[0] == 1 and parse_bucket(b)[1:] == parse_bucket(video)[1:]]
+    buckets = [video, *image[:1]]
+    cfg = cfg_for(
+        dit_assets,
+        data={"root": str(sample_dit_shards), "buckets": buckets, "weights": [0.8, 0.2][:len(buckets)],
+              "batch_sizes": [n, 2][:len(buckets)], "shardshuffle": False},
+        text={"dropout": 0.0},
+        optim={"lr": 2e-3, "warmup_steps": 20, "schedule": "constant"},
+        train={"steps": LEARN_STEPS, "log_every": 50, "ckpt_every": LEARN_STEPS, "sample_every": LEARN_STEPS,
+               "ema_decay": 0.9},
+        sample={"prompts": []},
+    )
+    # Only the first n clips of the video bucket are seen: the stream repeats them when n = its size;
+    # otherwise every epoch reads them in the same (unshuffled) order, and we evaluate on the first n.
+    history = main(cfg, LocalRun(tmp_path / "run", device=CPU))
+
+    vae, folder = load_vae(dit_assets["vae"], device=CPU)
+    scale = history[-1]["latent_scale"]
+    encoder = TextEncoder(cfg.text, CPU)
+    x0, text, captions = _clips(sample_dit_shards, video, n, vae, scale, encoder)
+    state, _ = load_checkpoint(latest_checkpoint(tmp_path / "run"), rank=0)
+    dit_cfg = DiTConfig(**{k: v for k, v in state["dit_config"].items()})
+    ac = alphas_cumprod(cfg.diffusion.schedule_config())
+    seed_everything(cfg.train.seed)  # main's initial weights
+    untrained = DiT(dit_cfg)
+    trained = DiT(dit_cfg)
+    trained.load_state_dict(state["model"])
+
+    before = fixed_eval_loss(untrained, x0, text, ac).mean().item()
+    after = fixed_eval_loss(trained, x0, text, ac).mean().item()
+    shuffled = torch.roll(text, 1, dims=0)  # every clip gets another clip's caption
+    assert len(set(captions)) == n, f"expected distinct captions, got {captions}"
+    mismatched = fixed_eval_loss(trained, x0, shuffled, ac).mean().item()
+    print(f"{n} clips of {video}: fixed-timestep loss untrained {before:.4f} -> trained {after:.4f} "
+          f"(x{before / after:.2f}); matched captions {after:.4f} vs shuffled {mismatched:.4f}; "
+          f"train loss first {history[0]['loss']:.4f} last {history[-1]['loss']:.4f}; "
+          f"tokens/s {history[-1]['tokens_per_s']:.0f}")
+    assert before / after > LOSS_FALL, f"loss fell only x{before / after:.2f}: {before:.4f} -> {after:.4f}"
+    assert after < mismatched, f"matched captions {after:.4f} should beat shuffled {mismatched:.4f}"
