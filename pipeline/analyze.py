@@ -45,6 +45,8 @@ class VideoResult:
     video: dict[str, Any] | None = None     # a videos-table row (without run_id), None when rejected
     reject: dict[str, Any] | None = None    # a rejects-table row (without run_id)
     clips: list[ClipResult] = field(default_factory=list)
+    # [start, end) frame ranges that did not decode cleanly; no clip covers them (the videos table has no column yet)
+    damaged_frames: list[tuple[int, int]] = field(default_factory=list)
 
 
 def uri_key(uri: str) -> str:
@@ -83,7 +85,7 @@ def _every(times: np.ndarray, fps: float) -> np.ndarray:
 
 def preview_jpeg(frames: np.ndarray, times: np.ndarray, duration: float, *, n: int = PREVIEW_FRAMES,
                  height: int = PREVIEW_HEIGHT, quality: int = PREVIEW_QUALITY) -> bytes:
-    """JPEG strip of up to ``n`` of ``frames`` (K, h, w, 3) RGB, the ones nearest the middles of n equal parts of the span.
+    """JPEG strip of up to ``n`` of ``frames`` (K, h, w, 3) RGB: those nearest the middles of n equal parts of the span.
 
     ``times`` (K,) are seconds from the clip start and ``duration`` the span's length; a still image or a span with
     one analysis frame gives a one-frame strip. Each frame is scaled to ``height`` keeping its aspect.
@@ -224,7 +226,6 @@ def _score_span(info, video_id, start, end, fps, scene, decode: DecodeConfig, pr
 def _video_result(uri, info, probe_s, decoder, n_decoded, cuts, detector_name, clips, damage=()) -> VideoResult:
     row = info.to_row()
     row.update(
-        damaged_frames=[[int(a), int(b)] for a, b in damage],
         probe_seconds=probe_s,
         decoder=decoder,
         frames=int(n_decoded),
@@ -232,7 +233,7 @@ def _video_result(uri, info, probe_s, decoder, n_decoded, cuts, detector_name, c
         cut_detector=detector_name,
         num_clips=len(clips),
     )
-    return VideoResult(uri=uri, video=row, clips=clips)
+    return VideoResult(uri=uri, video=row, clips=clips, damaged_frames=[(int(a), int(b)) for a, b in damage])
 
 
 def _score_clip(info, video_id, start, end, fps, frames, times, decode: DecodeConfig, prefilter: PrefilterConfig) -> ClipResult:
