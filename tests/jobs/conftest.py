@@ -1,17 +1,24 @@
-"""A real Ray head on loopback for the `ray job submit` tests."""
+"""A real Ray head on loopback for the `ray job submit` tests, started once per session and stopped by its own
+process ids (never `ray stop`, which ends every Ray cluster on the machine)."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+
+# Generous: on a loaded 2-core machine the head's dashboard agent has been seen to take over a minute to register.
+READY_DEADLINE_S = 600.0
 
 
 def _free_port() -> int:
@@ -20,31 +27,127 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _ray_exe() -> str:
+    return shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
+
+
 def _ray(*args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
-    exe = shutil.which("ray") or str(Path(sys.executable).with_name("ray"))
-    return subprocess.run([exe, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run([_ray_exe(), *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc: no psutil here)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class RayHead:
+    """`ray start --head --block` as a child process this fixture owns, in its own process group."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.dashboard_port = _free_port()
+        # Token auth, as a head started on a machine that ever ran a local ray.init() would use, with the token
+        # given explicitly so no ~/.ray/auth_token is read or written; the job itself never needs to know.
+        self.env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16),
+                        RAY_USAGE_STATS_ENABLED="0")
+        self.env.pop("RAY_ADDRESS", None)
+        self.temp_dir = tmp  # Ray's socket paths must stay short
+        self.log = (tmp.parent / f"{tmp.name}-head.log").open("w")
+        self.proc = subprocess.Popen(
+            [_ray_exe(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
+             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--num-cpus=2",
+             "--include-dashboard=true", f"--temp-dir={tmp}", "--disable-usage-stats"],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+
+    def wait_ready(self) -> None:
+        """Until a job submitted to the head runs: the dashboard answers and its job agent has registered
+        (a submission before that fails with `500: No available agent to submit job`)."""
+        deadline = time.monotonic() + READY_DEADLINE_S
+        last = ""
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start --head exited with {self.proc.returncode}: {self.log_tail()}")
+            try:
+                probe = _ray("job", "submit", f"--address={self.address}", "--", "python", "-c", "print('ready')",
+                             env=self.env, timeout=max(5.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired as err:
+                last = f"timed out: {err}"
+                break
+            if probe.returncode == 0 and "ready" in probe.stdout:
+                return
+            last = (probe.stdout + probe.stderr)[-2000:]
+            # Dashboard not listening yet, or the agent not registered yet: both clear up; anything else is real.
+            if not any(s in last for s in ("No available agent", "Connection refused", "Failed to connect",
+                                           "Cannot connect", "ConnectionError", "503", "502")):
+                raise RuntimeError(f"the Ray head refused a probe job: {last}")
+            time.sleep(1.0)  # polling interval, not a readiness assumption
+        raise RuntimeError(f"the Ray head was not ready within {READY_DEADLINE_S:.0f}s; last answer: {last}\n"
+                           f"{self.log_tail()}")
+
+    def log_tail(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()[-3000:]
+
+    def stop(self) -> None:
+        """SIGTERM to `ray start --block` (it stops the processes it started), then SIGKILL to whatever of its
+        own descendants is left: only pids this head spawned, never anything found by name."""
+        pids = _descendants(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=30)
+        for pid in pids | _descendants(self.proc.pid):
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        self.log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory) -> Iterator[RayHead]:
+    tmp = Path("/tmp") / f"rayt{os.getpid()}"
+    head = RayHead(tmp)
+    try:
+        head.wait_ready()
+        yield head
+    finally:
+        head.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.fixture
-def submit_job() -> Iterator[Callable[..., subprocess.CompletedProcess]]:
-    """Start `ray start --head` on 127.0.0.1 (2 CPUs, dashboard on), hand back a function that runs
-    `ray job submit --working-dir <repo> -- <entrypoint>` against it, and stop the head afterwards."""
-    port, dash = _free_port(), _free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
-    tmp_ray = Path("/tmp") / f"rayt{os.getpid()}"  # Ray's socket paths must stay short
-    started = _ray("start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
-                   "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
-                   "--include-dashboard=true", f"--temp-dir={tmp_ray}", "--disable-usage-stats",
-                   env=env, timeout=180)
-    assert started.returncode == 0, started.stderr[-3000:]
+def submit_job(ray_head: RayHead) -> Callable[..., subprocess.CompletedProcess]:
+    """A function that runs `ray job submit --working-dir <repo> -- <entrypoint>` against the session's head."""
 
     def submit(*entrypoint: str, timeout: float = 900) -> subprocess.CompletedProcess:
-        return _ray("job", "submit", f"--address=http://127.0.0.1:{dash}", "--working-dir", str(REPO),
-                    "--", *entrypoint, env=env, timeout=timeout)
+        return _ray("job", "submit", f"--address={ray_head.address}", "--working-dir", str(REPO),
+                    "--", *entrypoint, env=ray_head.env, timeout=timeout)
 
-    try:
-        yield submit
-    finally:
-        _ray("stop", "--force", env=env, timeout=120)
-        shutil.rmtree(tmp_ray, ignore_errors=True)
+    return submit

@@ -1,4 +1,5 @@
-"""A real Ray head on loopback, the curation job submitted with `ray job submit`, tables read back."""
+"""A real Ray head on loopback (tests/jobs/conftest.py): the curation job submitted with `ray job submit`, tables read
+back; relative paths refused."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,3 +28,18 @@ def test_ray_job_submit_curates_into_tables(tmp_path, submit_job):
     kept = [c for c in clips if not c["reject_reasons"]]
     assert kept and all(c["caption"] for c in kept)
     assert (out / "catalog.duckdb").exists()
+
+
+def test_relative_paths_are_refused_under_ray_job_submit(tmp_path, submit_job):
+    """Under `ray job submit` the driver's working directory is Ray's temporary copy of --working-dir, which Ray
+    deletes later: a relative --output would "succeed" and lose the data, so every job refuses it."""
+    curate = submit_job("python", "-m", "jobs.curate", "--input", str(tmp_path), "--output", "out/relative", timeout=600)
+    shards = submit_job("python", "-m", "jobs.shards", "--catalog", str(tmp_path / "catalog.duckdb"), "--where", "true",
+                        "--output", "out/shards", timeout=600)
+    for sub, flag, value in ((curate, "--output", "out/relative"), (shards, "--output", "out/shards")):
+        text = sub.stdout + sub.stderr
+        assert sub.returncode != 0, text[-3000:]
+        assert "failed" in text.lower()
+        assert f"error: {flag} '{value}' is a relative path; under `ray job submit`" in text, text[-3000:]
+        assert "Ray deletes after the job" in text and "Traceback" not in text
+    assert not (tmp_path / "out").exists()
