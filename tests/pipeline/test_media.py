@@ -783,10 +783,10 @@ def test_cpu_stage_keeps_the_clips_around_the_damage(tmp_path):
     path = _zero_packet(clean, tmp_path / "damaged.mp4", 121)
     res = analyze_video(str(path), DecodeConfig(), SceneCutConfig(), PrefilterConfig())
     assert res.reject is None, res.reject
-    (start, end), = res.video["damaged_frames"]
+    (start, end), = res.damaged_frames
     assert start <= 121 < end and res.video["frames"] == 240 - (end - start)
     spans = [(c.record["start_frame"], c.record["end_frame"]) for c in res.clips]
     assert any(e <= start for _, e in spans) and any(s >= end for s, _ in spans), spans
     assert all(e <= start or s >= end for s, e in spans), spans  # no clip covers a damaged frame
     intact = analyze_video(str(clean), DecodeConfig(), SceneCutConfig(), PrefilterConfig())
-    assert intact.video["damaged_frames"] == [] and intact.video["frames"] == 240
+    assert intact.damaged_frames == [] and intact.video["frames"] == 240
