@@ -86,6 +86,19 @@ def test_job_in_process_then_rerun_is_a_no_op(catalog, tmp_path, capsys):
     assert _rows(catalog, "SELECT count(*) FROM shard_samples WHERE output = ?", [str(out.resolve())])[0][0] == n
 
 
+def test_limit_writes_only_the_first_clips(catalog, tmp_path, capsys):
+    out = tmp_path / "shards"
+    assert job.main(["--catalog", str(catalog), "--where", "true", "--output", str(out), "--limit", "3",
+                     "--config", str(catalog.parent / "shards.toml")]) == 0
+    printed = capsys.readouterr().out
+    first = [r[0] for r in _rows(catalog, "SELECT clip_id FROM kept_clips ORDER BY clip_id LIMIT 3")]
+    written = [json.loads(s["json"])["clip_id"] for s in wds.WebDataset(sorted(str(p) for p in out.glob("*/shard-*.tar")),
+                                                                         shardshuffle=False)]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert written and set(written) | {s["clip_id"] for s in manifest["skipped"]} == set(first)
+    assert "(first 3 by clip_id)" in manifest["where"] and "inputs     3 selected clips" in printed
+
+
 def test_bad_where_exits_non_zero_with_duckdb_message(catalog, tmp_path, capsys):
     out = tmp_path / "shards"
     assert job.main(["--catalog", str(catalog), "--where", "aesthetic >= 5", "--output", str(out)]) == 2
