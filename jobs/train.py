@@ -33,7 +33,7 @@ from trainer.checkpoint import latest_checkpoint
 from trainer.config import stage_kind
 
 # [stage] kind -> the trainer module that runs it.
-STAGES = {"vae": "trainer.train_vae"}
+STAGES = {"vae": "trainer.train_vae", "dit": "trainer.train_dit"}
 
 
 def load_stage(path: str | Path) -> Any:

@@ -13,7 +13,7 @@ function of (seed, step, rank), so a resumed run repeats the uninterrupted run's
 Sections: ``[stage]`` kind = "dit", ``[model]`` ModelSection, ``[vae]`` VAESection, ``[text]``
 trainer.text.TextConfig, ``[data]`` trainer.data.DiTDataConfig, ``[diffusion]`` DiffusionSection,
 ``[optim]`` trainer.config.AdamWConfig, ``[train]`` DiTTrainConfig, ``[sample]``
-trainer.sampling.SampleConfig, ``[ray]`` trainer.config.RayConfig.
+trainer.sampling.SampleConfig, ``[standins]`` StandinSection, ``[ray]`` trainer.config.RayConfig.
 """
 from __future__ import annotations
 
@@ -73,6 +73,7 @@ from trainer.runtime import (
     wrap,
 )
 from trainer.sampling import SampleConfig, Sampler, load_vae, write_samples
+from trainer.standins import build_t5_standin
 from trainer.text import CaptionDropout, TextConfig, TextEncoder
 
 # ---------------------------------------------------------------------------------------------
@@ -173,6 +174,14 @@ class DiTTrainConfig:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
+class StandinSection:
+    text: bool = False
+    """Build the tiny random stand-in T5 (trainer.standins) in the folder [text] model names when that
+    folder does not exist yet, for sample-sized runs without real weights; it is named a stand-in in
+    every log line and checkpoint."""
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
 class DiTStageConfig:
     stage: StageConfig = StageConfig(kind="dit")
     model: ModelSection = ModelSection()
@@ -183,6 +192,7 @@ class DiTStageConfig:
     optim: AdamWConfig = AdamWConfig()
     train: DiTTrainConfig = DiTTrainConfig()
     sample: SampleConfig = SampleConfig()
+    standins: StandinSection = StandinSection()
     ray: RayConfig = RayConfig(name="dit")
 
     PATH_FIELDS: ClassVar[tuple[str, ...]] = ("data.root", "vae.checkpoint", "train.init_from", "ray.storage_path")
@@ -210,7 +220,8 @@ def config_from_dict(data: dict[str, Any]) -> DiTStageConfig:
     """The stage from a parsed TOML (or ``dataclasses.asdict`` of one); unknown keys raise naming them."""
     data = dict(data)
     text = dict(data.get("text", {}))
-    if text.get("model") and Path(str(text["model"])).expanduser().is_dir():
+    standin = bool(data.get("standins", {}).get("text", False))
+    if text.get("model") and (standin or Path(str(text["model"])).expanduser().is_dir()):
         text["model"] = str(Path(str(text["model"])).expanduser().resolve())  # workers run elsewhere
         data["text"] = text
     return from_dict(DiTStageConfig, data, where="dit stage")
@@ -283,6 +294,11 @@ def main(cfg: DiTStageConfig, run: RunContext) -> list[dict[str, float]]:
 
     # Frozen encoders: the VAE (latents in, sample videos out) and T5.
     vae, vae_folder = load_vae(cfg.vae.checkpoint, cfg.vae.weights, device)
+    if cfg.standins.text:
+        if run.rank == 0 and not Path(cfg.text.model).is_dir():
+            build_t5_standin(cfg.text.model)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # the other ranks load it once rank 0 has renamed it into place
     encoder = TextEncoder(cfg.text, device)
     schedule_cfg = cfg.diffusion.schedule_config()
     ac = alphas_cumprod(schedule_cfg).to(device)
