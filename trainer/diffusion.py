@@ -11,6 +11,7 @@ is the (num_train_timesteps,) float64 table from :func:`alphas_cumprod`.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -172,19 +173,191 @@ def ddim_timesteps(num_steps: int, num_train_timesteps: int = 1000) -> torch.Ten
     return torch.from_numpy(np.round(np.arange(num_train_timesteps, 0, -ratio)).astype(np.int64) - 1)
 
 
-def ddim_step(x_t: torch.Tensor, v_pred: torch.Tensor, t: int, t_prev: int, ac: torch.Tensor) -> torch.Tensor:
-    """One deterministic DDIM step x_t -> x_{t_prev}; t_prev < 0 means the end (alpha_bar = 1)."""
+Denoiser = Callable[..., torch.Tensor]
+"""model(latents (B, T, C, H, W), text (B, L, E), timesteps (B,), **conditioning) -> v prediction like latents.
+
+``conditioning`` is what the DiT takes besides the three tensors (``motion_free`` (B,) bool, ``fps`` (B,));
+a sampler passes it only when the option that needs it is on, so a plain 3-argument callable still works."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Guidance: weight schedules (constant, CogVideoX's dynamic cosine, Imagen Video's oscillating),
+# dynamic thresholding of x0, GenTron's motion-free three-pass guidance
+# ---------------------------------------------------------------------------------------------
+
+GUIDANCE_SCHEDULES = ("constant", "dynamic_cosine", "oscillating")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class GuidanceConfig:
+    """How a sampler guides. The defaults are CogVideoX's pipeline: constant w = 6, no thresholding."""
+
+    schedule: str = "constant"
+    """"constant": ``scale`` at every step. "dynamic_cosine": CogVideoX's ``use_dynamic_cfg``,
+    w(t) = 1 + scale (1 - cos(pi ((T - t) / T)^5)) / 2, from 1 at t = T to 1 + scale at t = 0 (see
+    :func:`guidance_weights` for how this differs from diffusers' code). "oscillating": Imagen Video's,
+    ``high`` for the first ``high_steps`` steps, then low, high, low, ..."""
+    scale: float = 6.0
+    """w of "constant" and "dynamic_cosine"; v = v_uncond + w (v_text - v_uncond), so 1 is no guidance."""
+    high: float = 15.0
+    """Oscillating guidance's high weight (Imagen Video: 15)."""
+    low: float = 1.0
+    """Oscillating guidance's low weight (Imagen Video: 1, i.e. the plain conditional prediction)."""
+    high_steps: int = 1
+    """Steps at ``high`` before alternating starts; Imagen Video does not publish its count (anchors/dit.md
+    section 5), so it is a setting."""
+    dynamic_threshold: float | None = None
+    """None: off. p in (0, 1]: clip each sample's predicted x0 to [-s, s] and scale it by floor / s, where s
+    is the p-quantile of |x0| over that sample, floored at ``threshold_floor`` (Imagen: p = 0.95, floor 1)."""
+    threshold_floor: float = 1.0
+    """The data range [-floor, floor] and lower bound of s. In pixel space (Imagen) data lie in [-1, 1], so
+    1 acts only on what overshoots the data range. Scaled VAE latents are not bounded: they are roughly
+    unit-variance, so |x0| has a 0.95 quantile near 2 and a floor of 1 would squeeze every sample into
+    [-1, 1], shrinking its contrast. Set the floor to the 0.95 quantile of |latent| on real data (about 2
+    for unit-variance latents) so thresholding only touches samples whose prediction overshoots what the
+    data do, as high guidance weights cause; it then bounds the latent the VAE decodes, not the pixels."""
+    motion_scale: float | None = None
+    """None: plain CFG. A float lambda_M: GenTron's motion-free guidance, three passes per step with the
+    text weight taken from the schedule (lambda_T; GenTron: 7.5) and lambda_M (GenTron: 1.0 to 1.3) on the
+    motion direction; needs a model trained with p_motion_free > 0."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in GUIDANCE_SCHEDULES:
+            raise ValueError(f"GuidanceConfig.schedule: expected one of {GUIDANCE_SCHEDULES}, got {self.schedule!r}")
+        if self.high_steps < 0:
+            raise ValueError(f"GuidanceConfig.high_steps: expected >= 0, got {self.high_steps}")
+        if self.dynamic_threshold is not None and not 0 < self.dynamic_threshold <= 1:
+            raise ValueError(f"GuidanceConfig.dynamic_threshold: expected None or 0 < p <= 1, got "
+                             f"{self.dynamic_threshold}")
+        if self.threshold_floor <= 0:
+            raise ValueError(f"GuidanceConfig.threshold_floor: expected > 0, got {self.threshold_floor}")
+
+
+def guidance_weights(cfg: GuidanceConfig, timesteps: torch.Tensor, num_train_timesteps: int = 1000) -> list[float]:
+    """The text-guidance weight of each sampling step, in step order, for the (N,) descending ``timesteps``.
+
+    dynamic_cosine: diffusers' pipeline evaluates ``((num_inference_steps - t) / num_inference_steps)^5``
+    with t the timestep value (0..999) and N the number of steps, so its base is negative and the
+    weight swings arbitrarily (anchors/dit.md section 1.6). The ramp it intends - 1 at pure noise rising
+    to 1 + w at t = 0 - is written here with T = num_train_timesteps, which keeps w(t) in [1, 1 + w].
+    """
+    n = timesteps.shape[0]
+    if cfg.schedule == "constant":
+        return [float(cfg.scale)] * n
+    if cfg.schedule == "dynamic_cosine":
+        big_t = float(num_train_timesteps)
+        return [1.0 + cfg.scale * (1.0 - math.cos(math.pi * ((big_t - t) / big_t) ** 5.0)) / 2.0
+                for t in timesteps.tolist()]
+    # oscillating: high for the first high_steps, then low, high, low, ...
+    return [cfg.high if i < cfg.high_steps or (i - cfg.high_steps) % 2 else cfg.low for i in range(n)]
+
+
+def dynamic_threshold(x0: torch.Tensor, percentile: float, floor: float = 1.0) -> torch.Tensor:
+    """Imagen's dynamic thresholding with range [-floor, floor]: per sample s = max(floor,
+    quantile(|x0|, percentile)) and x0 -> clamp(x0, -s, s) * floor / s.
+
+    floor = 1 is Imagen's rule (clip to [-s, s], divide by s). A larger floor keeps the same rule with
+    the data range [-floor, floor]: a sample whose quantile is under the floor is only clipped there
+    (a no-op when nothing exceeds it), one above is clipped at s and scaled back into the range.
+    """
+    flat = x0.float().flatten(1).abs()  # (B, N)
+    s = torch.quantile(flat, percentile, dim=1).clamp(min=floor)  # (B,)
+    s = _per_sample(s, x0.float())
+    return (x0.float().clamp(-s, s) * (floor / s)).to(x0.dtype)
+
+
+def ddim_step(x_t: torch.Tensor, v_pred: torch.Tensor, t: int, t_prev: int, ac: torch.Tensor,
+              threshold: tuple[float, float] | None = None) -> torch.Tensor:
+    """One deterministic DDIM step x_t -> x_{t_prev}; t_prev < 0 means the end (alpha_bar = 1).
+
+    ``threshold`` (percentile, floor): dynamically threshold the predicted x0 first. The noise direction
+    is then re-derived from x_t and the thresholded x0 (the DDIM posterior mean of Imagen's sampler),
+    rather than kept from the model as diffusers' DDIM does.
+    """
     a_t = float(ac[t])
     a_prev = float(ac[t_prev]) if t_prev >= 0 else 1.0
     x0 = a_t**0.5 * x_t - (1.0 - a_t) ** 0.5 * v_pred
+    if threshold is not None:
+        x0 = dynamic_threshold(x0, *threshold)
     # x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps, with eps = (x_t - sqrt(a_t) x0) / sqrt(1 - a_t).
     c_x = ((1.0 - a_prev) / (1.0 - a_t)) ** 0.5
     c_x0 = a_prev**0.5 - a_t**0.5 * c_x
     return c_x * x_t + c_x0 * x0
 
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-"""model(latents (B, T, C, H, W), text (B, L, E), timesteps (B,)) -> v prediction like latents."""
+def cfg_combine(v_uncond: torch.Tensor, v_text: torch.Tensor, w: float) -> torch.Tensor:
+    """Classifier-free guidance in v: v_uncond + w (v_text - v_uncond)."""
+    return v_uncond + w * (v_text - v_uncond)
+
+
+def motion_free_combine(v_null_free: torch.Tensor, v_null_motion: torch.Tensor, v_text_motion: torch.Tensor,
+                        text_scale: float, motion_scale: float) -> torch.Tensor:
+    """GenTron's motion-free guidance, in v (linear in the prediction, so v and eps forms agree):
+
+    v = v(null, free) + lambda_T (v(text, motion) - v(null, motion)) + lambda_M (v(null, motion) - v(null, free)).
+
+    "free" is the motion-free pass (frames do not see each other), "motion" the ordinary one. With
+    lambda_M = 1 the first and last terms cancel to v(null, motion): plain CFG with w = lambda_T.
+    """
+    return (v_null_free + text_scale * (v_text_motion - v_null_motion)
+            + motion_scale * (v_null_motion - v_null_free))
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """What a guided sampler returns: the denoised latents and the text-guidance weight of each step."""
+
+    x0: torch.Tensor
+    weights: list[float]
+
+
+@torch.no_grad()
+def guided_sample(
+    model: Denoiser,
+    noise: torch.Tensor,
+    text: torch.Tensor,
+    *,
+    ac: torch.Tensor,
+    num_steps: int = 50,
+    guidance: GuidanceConfig = GuidanceConfig(),
+    null_text: torch.Tensor | None = None,
+    conditioning: dict[str, torch.Tensor] | None = None,
+) -> Sample:
+    """Denoise ``noise`` (B, T, C, H, W) into x0 with DDIM and the configured guidance.
+
+    CFG runs the unconditional and conditional passes as one batch [null; text], as diffusers' CogVideoX
+    pipeline. Motion-free guidance runs three, [null free; null; text], the first with ``motion_free``
+    set. ``null_text`` (B or 1, L, E) is the empty-prompt embedding; None skips guidance (weights 1).
+    ``conditioning`` holds extra per-sample model inputs, (B,) each (``fps``), repeated per pass.
+    """
+    big_t = ac.shape[0]
+    b = noise.shape[0]
+    steps = ddim_timesteps(num_steps, big_t)
+    weights = guidance_weights(guidance, steps, big_t) if null_text is not None else [1.0] * num_steps
+    mfg = null_text is not None and guidance.motion_scale is not None
+    passes = 1 if null_text is None else (3 if mfg else 2)
+    if null_text is not None:
+        null = null_text.expand_as(text)
+        text = torch.cat([null, null, text] if mfg else [null, text])  # (passes * B, L, E)
+    extra = {k: torch.cat([v] * passes) for k, v in (conditioning or {}).items()}
+    if mfg:
+        extra["motion_free"] = torch.arange(passes * b, device=noise.device) < b  # only the first pass
+    threshold = None if guidance.dynamic_threshold is None else (guidance.dynamic_threshold, guidance.threshold_floor)
+    x = noise
+    for t, w in zip(steps.tolist(), weights):
+        x_in = torch.cat([x] * passes)
+        t_in = torch.full((x_in.shape[0],), t, dtype=torch.int64, device=x.device)
+        v = model(x_in, text, t_in, **extra).float()
+        if mfg:
+            v_free, v_null, v_text = v.chunk(3)
+            v = motion_free_combine(v_free, v_null, v_text, w, float(guidance.motion_scale))
+        elif passes == 2:
+            v_uncond, v_text = v.chunk(2)
+            v = cfg_combine(v_uncond, v_text, w)
+        # diffusers steps to t - T // N even where trailing spacing puts the next timestep elsewhere
+        # (N not dividing T); kept so exported models sample the same here and in diffusers.
+        x = ddim_step(x.float(), v, t, t - big_t // num_steps, ac, threshold).to(noise.dtype)
+    return Sample(x, weights)
 
 
 @torch.no_grad()
@@ -198,40 +371,35 @@ def ddim_sample(
     guidance_scale: float = 6.0,
     null_text: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Denoise ``noise`` (B, T, C, H, W) into x0 with DDIM and classifier-free guidance.
+    """Denoise ``noise`` (B, T, C, H, W) into x0 with DDIM and constant classifier-free guidance.
 
     As diffusers' CogVideoX pipeline: the unconditional and conditional passes run as one batch
     [null; text], v = v_uncond + w (v_text - v_uncond), and the step after t is t - T // num_steps.
     ``null_text`` (B or 1, L, E) is the empty-prompt embedding; None or guidance_scale == 1 skips CFG.
     """
-    big_t = ac.shape[0]
     use_cfg = null_text is not None and guidance_scale != 1.0
-    if use_cfg:
-        null_text = null_text.expand_as(text)
-        text = torch.cat([null_text, text])  # (2B, L, E)
-    x = noise
-    for t in ddim_timesteps(num_steps, big_t).tolist():
-        x_in = torch.cat([x, x]) if use_cfg else x
-        v = model(x_in, text, torch.full((x_in.shape[0],), t, dtype=torch.int64, device=x.device)).float()
-        if use_cfg:
-            v_uncond, v_text = v.chunk(2)
-            v = v_uncond + guidance_scale * (v_text - v_uncond)
-        # diffusers steps to t - T // N even where trailing spacing puts the next timestep elsewhere
-        # (N not dividing T); kept so exported models sample the same here and in diffusers.
-        x = ddim_step(x.float(), v, t, t - big_t // num_steps, ac).to(noise.dtype)
-    return x
+    return guided_sample(model, noise, text, ac=ac, num_steps=num_steps,
+                         guidance=GuidanceConfig(scale=guidance_scale), null_text=null_text if use_cfg else None).x0
 
 
 __all__ = [
     "SCHEDULE_PRESETS",
+    "GUIDANCE_SCHEDULES",
     "Denoiser",
+    "GuidanceConfig",
+    "Sample",
     "ScheduleConfig",
     "alphas_cumprod",
+    "cfg_combine",
     "ddim_sample",
     "ddim_step",
     "ddim_timesteps",
     "diffusion_loss",
+    "dynamic_threshold",
     "global_stratified_timesteps",
+    "guidance_weights",
+    "guided_sample",
+    "motion_free_combine",
     "q_sample",
     "stratified_timesteps",
     "timestep_bins",
