@@ -14,7 +14,7 @@ VIDEO, IMAGE = "9x32x32", "1x32x32"
 """Synthetic buckets of the fast tests: 9 frames -> 3 latent frames of 4x4 (12 vision tokens)."""
 SAMPLE_RESOLUTIONS = ("48x80", "64x64", "80x48")
 """Small buckets for the built-in sample's shards (its videos are 320x192, so 48x80 keeps the aspect)."""
-VAE_STEPS = 40
+VAE_STEPS = 30
 
 
 def _done(folder: Path) -> bool:
@@ -23,7 +23,7 @@ def _done(folder: Path) -> bool:
 
 def build_assets(root: Path) -> dict[str, Path]:
     """{"shards", "t5", "vae"} under ``root``: synthetic video + image shards, a stand-in T5 folder and a
-    tiny VAE run trained on the shards for VAE_STEPS steps whose last checkpoint holds latent_scale.json."""
+    tiny VAE run trained for VAE_STEPS steps on other synthetic clips whose last checkpoint holds latent_scale.json."""
     import torch
 
     from trainer.checkpoint import latest_checkpoint, load_checkpoint
@@ -41,9 +41,12 @@ def build_assets(root: Path) -> dict[str, Path]:
     root.mkdir(parents=True, exist_ok=True)
     write_synthetic_shards(out["shards"], {VIDEO: list(range(8)), IMAGE: list(range(100, 108))}, per_shard=4)
     build_t5_standin(out["t5"])
+    # The VAE is convolutional: trained on 16x16 crops-sized clips (8x cheaper), it encodes any size.
+    write_synthetic_shards(root / "vae_shards", {"5x16x16": list(range(200, 208)), "1x16x16": list(range(300, 308))})
     cfg = stage_config_from_dict({
         "model": {"preset": "tiny", "chunk_latent_frames": 0},
-        "data": {"root": str(out["shards"]), "buckets": [VIDEO, IMAGE], "weights": [0.7, 0.3], "batch_sizes": [2, 4]},
+        "data": {"root": str(root / "vae_shards"), "buckets": ["5x16x16", "1x16x16"], "weights": [0.7, 0.3],
+                 "batch_sizes": [2, 4]},
         "optim": {"lr": 2e-3, "warmup_steps": 5},
         "loss": {"disc_start": 10**9},
         "train": {"steps": VAE_STEPS, "log_every": VAE_STEPS, "eval_every": VAE_STEPS, "ckpt_every": VAE_STEPS,

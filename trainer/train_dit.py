@@ -380,8 +380,8 @@ def main(cfg: DiTStageConfig, run: RunContext) -> list[dict[str, float]]:
             for k in bins.unique().tolist():
                 parts[names[k]] = float(detached[bins == k].mean())
             seq = dit_cfg.max_text_len + vision_tokens(dit_cfg, tuple(x0.shape))
-            window.add(parts, samples=b, tokens=b * seq, flops=b * seq * flops_per_token(dit_cfg, seq),
-                       dropped_captions=float(dropped.sum()))
+            parts["caption_dropped_fraction"] = float(dropped.float().mean())
+            window.add(parts, samples=b, tokens=b * seq, flops=b * seq * flops_per_token(dit_cfg, seq))
 
             last = step == tc.steps
             if step % tc.log_every and not last:

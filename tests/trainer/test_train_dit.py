@@ -123,9 +123,12 @@ def test_checkpoint_records_the_encoders_and_samples_sit_beside_it(dit_assets, t
 # Learning is real: a few clips of the built-in sample, overfit; captions matter
 # ---------------------------------------------------------------------------------------------
 
-LEARN_STEPS = 300
+LEARN_STEPS = 400
 LOSS_FALL = 3.0
-"""Fixed-timestep loss of the untrained model over that of the trained one, on the training clips."""
+"""Fixed-timestep loss of the untrained model over that of the trained one, on the training clips.
+Measured here (1 thread, seeds fixed): 1.717 -> 0.386 after 400 steps, x4.45 (x3.74 after 300)."""
+CAPTION_GAP = 1.2
+"""Loss with every clip given another clip's caption over the loss with its own: measured 0.629 / 0.386 = 1.63."""
 
 
 def _clips(root: Path, bucket: str, n: int, vae, scale: float, encoder) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
@@ -154,8 +157,7 @@ def test_the_tiny_dit_overfits_sample_clips_and_uses_their_captions(dit_assets, 
                "ema_decay": 0.9},
         sample={"prompts": []},
     )
-    # Only the first n clips of the video bucket are seen: the stream repeats them when n = its size;
-    # otherwise every epoch reads them in the same (unshuffled) order, and we evaluate on the first n.
+    # The unshuffled streams repeat the bucket's few clips epoch after epoch; the evaluation takes the first n.
     history = main(cfg, LocalRun(tmp_path / "run", device=CPU))
 
     vae, folder = load_vae(dit_assets["vae"], device=CPU)
@@ -180,4 +182,4 @@ def test_the_tiny_dit_overfits_sample_clips_and_uses_their_captions(dit_assets, 
           f"train loss first {history[0]['loss']:.4f} last {history[-1]['loss']:.4f}; "
           f"tokens/s {history[-1]['tokens_per_s']:.0f}")
     assert before / after > LOSS_FALL, f"loss fell only x{before / after:.2f}: {before:.4f} -> {after:.4f}"
-    assert after < mismatched, f"matched captions {after:.4f} should beat shuffled {mismatched:.4f}"
+    assert mismatched > CAPTION_GAP * after, f"matched captions {after:.4f} vs shuffled {mismatched:.4f}"
