@@ -50,7 +50,7 @@ def transformer_config(cfg: DiTConfig) -> dict[str, Any]:
         "norm_eps": cfg.norm_eps,
         "num_attention_heads": cfg.num_heads,
         "num_layers": cfg.num_layers,
-        "ofs_embed_dim": None,
+        "ofs_embed_dim": cfg.time_embed_dim if cfg.fps_conditioning else None,  # fps enters as diffusers' ofs
         "out_channels": cfg.out_channels,
         "patch_bias": cfg.patch_bias,
         "patch_size": cfg.patch_size,

@@ -12,6 +12,10 @@ adaLN"); attention is full over the joint sequence and positions enter only the 
 Module and parameter names and shapes equal diffusers' ``CogVideoXTransformer3DModel``, so
 ``model.state_dict()`` loads there directly (trainer/export.py writes the folder).
 Latents are (B, T, C, H, W) as in diffusers: T latent frames before C channels.
+
+Two options of issue 10, both off by default and then absent from the computation and the state dict:
+GenTron's motion-free switch (``forward(..., motion_free=)``, per sample: frames stop seeing each other,
+see ``_frame_local_attention``) and CogVideo's frame-rate conditioning (``fps_conditioning``).
 """
 from __future__ import annotations
 
@@ -64,6 +68,12 @@ class DiTConfig:
     rope_theta: float = 10000.0
     checkpointing: bool = False
     """Recompute each block in the backward pass (activation checkpointing per block)."""
+    fps_conditioning: bool = False
+    """CogVideo's frame-rate conditioning: the clip's frame rate, embedded like the timestep (sinusoid of
+    width time_embed_dim -> Linear -> SiLU -> Linear, the last zero-initialised), is added to the timestep
+    embedding. The module is diffusers' ``ofs_embedding`` (CogVideoX 1.5's extra scalar input, same place,
+    same shapes), so an export sets ``ofs_embed_dim`` and diffusers reproduces the output given ``ofs=fps``.
+    Off: no such module, the state dict and outputs are the plain DiT's."""
 
     def __post_init__(self) -> None:
         if self.pos_embed not in POS_EMBEDS:
@@ -264,6 +274,61 @@ class ExpertAdaLN(nn.Module):
         return x, c, gate, c_gate  # gates (B, 1, D)
 
 
+@dataclass(frozen=True, slots=True)
+class MotionFree:
+    """GenTron's motion-free switch for one forward: which samples (B,) bool, and the layout
+    [n_text text tokens; frames x tokens_per_frame vision tokens] of every sequence."""
+
+    mask: torch.Tensor
+    n_text: int
+    frames: int
+    all: bool
+    """Every sample is motion-free (no indexing needed)."""
+
+
+def _frame_local_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_text: int, frames: int
+                           ) -> torch.Tensor:
+    """Attention with the temporal interaction cut: text attends to text, each frame's vision tokens to
+    the text and to their own frame. (B, heads, S, hd) in and out.
+
+    Text queries see only text, so the text stream carries nothing from one frame to another across
+    blocks; this is the block-diagonal mask of GenTron's identity temporal mask in a joint-attention DiT.
+    No mask is built: frames move into the batch dimension, each with its copy of the text keys and
+    values, so both calls stay on SDPA's fused (flash / memory-efficient) kernels.
+    """
+    b, heads, s, hd = q.shape
+    n = (s - n_text) // frames  # vision tokens per frame
+    kt, vt = k[:, :, :n_text], v[:, :, :n_text]  # (B, heads, L, hd)
+    text_out = F.scaled_dot_product_attention(q[:, :, :n_text], kt, vt)  # (B, heads, L, hd)
+
+    def per_frame(x: torch.Tensor) -> torch.Tensor:  # (B, heads, F*n, hd) -> (B*F, heads, n, hd)
+        return x.reshape(b, heads, frames, n, hd).transpose(1, 2).reshape(b * frames, heads, n, hd)
+
+    def with_text(text: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:  # -> (B*F, heads, L + n, hd)
+        text = text[:, None].expand(b, frames, heads, n_text, hd).reshape(b * frames, heads, n_text, hd)
+        return torch.cat([text, per_frame(vis)], dim=2)
+
+    vis_out = F.scaled_dot_product_attention(
+        per_frame(q[:, :, n_text:]), with_text(kt, k[:, :, n_text:]), with_text(vt, v[:, :, n_text:]))
+    vis_out = vis_out.reshape(b, frames, heads, n, hd).transpose(1, 2).reshape(b, heads, frames * n, hd)
+    return torch.cat([text_out, vis_out], dim=2)  # (B, heads, S, hd)
+
+
+def motion_free_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mf: MotionFree) -> torch.Tensor:
+    """Full attention for ordinary samples, frame-local attention for motion-free ones, (B, heads, S, hd).
+
+    A mixed batch is split by index into the two groups, each run on its own path, and scattered back,
+    rather than given a (B, S, S) boolean mask (which would also leave the fused SDPA kernels).
+    """
+    if mf.all:
+        return _frame_local_attention(q, k, v, mf.n_text, mf.frames)
+    free = mf.mask
+    out = torch.empty_like(q)
+    out[~free] = F.scaled_dot_product_attention(q[~free], k[~free], v[~free])
+    out[free] = _frame_local_attention(q[free], k[free], v[free], mf.n_text, mf.frames)
+    return out
+
+
 class Attention(nn.Module):
     """Full self-attention over the joint sequence, per-head QK LayerNorm, RoPE on the vision slice."""
 
@@ -275,7 +340,8 @@ class Attention(nn.Module):
         self.norm_k = nn.LayerNorm(head_dim, eps=1e-6)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
-    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                motion_free: MotionFree | None = None) -> torch.Tensor:
         b, s, _ = h.shape
         # One GEMM for q, k and v; the weights stay three parameters so the names match diffusers.
         w = torch.cat([self.to_q.weight, self.to_k.weight, self.to_v.weight])
@@ -286,7 +352,10 @@ class Attention(nn.Module):
         if rope is not None:
             cos, sin = rope  # (S, hd): identity (cos 1, sin 0) on the text slots
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, S, hd)
+        if motion_free is None:
+            out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, S, hd)
+        else:
+            out = motion_free_attention(q, k, v, motion_free)
         return self.to_out[0](out.transpose(1, 2).reshape(b, s, -1))  # (B, S, D)
 
 
@@ -322,10 +391,11 @@ class Block(nn.Module):
         self.ff = FeedForward(cfg.dim)
 
     def forward(self, x: torch.Tensor, c: torch.Tensor, emb: torch.Tensor,
-                rope: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                rope: tuple[torch.Tensor, torch.Tensor] | None, motion_free: MotionFree | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         n_text = c.shape[1]
         nx, nc, gate, c_gate = self.norm1(x, c, emb)
-        a = self.attn1(torch.cat([nc, nx], dim=1), rope)  # (B, L + N, D)
+        a = self.attn1(torch.cat([nc, nx], dim=1), rope, motion_free)  # (B, L + N, D)
         x = x + gate * a[:, n_text:]
         c = c + c_gate * a[:, :n_text]
         nx, nc, gate, c_gate = self.norm2(x, c, emb)
@@ -360,6 +430,8 @@ class DiT(nn.Module):
         d = cfg.dim
         self.patch_embed = PatchEmbed(cfg)
         self.time_embedding = TimestepMLP(d, cfg.time_embed_dim)
+        if cfg.fps_conditioning:
+            self.ofs_embedding = TimestepMLP(cfg.time_embed_dim, cfg.time_embed_dim)
         self.transformer_blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
         self.norm_final = nn.LayerNorm(d, eps=cfg.norm_eps, elementwise_affine=True)
         self.norm_out = FinalAdaLN(cfg.time_embed_dim, d, cfg.norm_eps)
@@ -382,6 +454,11 @@ class DiT(nn.Module):
                 self.norm_out]:
             nn.init.zeros_(m.linear.weight)
             nn.init.zeros_(m.linear.bias)
+        if self.cfg.fps_conditioning:
+            # Open-Sora's fps embedder: the last layer starts at zero, so switching the option on for a
+            # trained model starts from that model's outputs.
+            nn.init.zeros_(self.ofs_embedding.linear_2.weight)
+            nn.init.zeros_(self.ofs_embedding.linear_2.bias)
 
     def positions(self, frames: int, rows: int, cols: int, n_text: int, device: torch.device) -> Any:
         """The positional input of one shape: an additive (N, D) sin-cos table, or RoPE (cos, sin) of
@@ -392,7 +469,11 @@ class DiT(nn.Module):
         hd = self.cfg.head_dim
         return (torch.cat([cos.new_ones(n_text, hd), cos]), torch.cat([sin.new_zeros(n_text, hd), sin]))
 
-    def forward(self, latents: torch.Tensor, text: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    def forward(self, latents: torch.Tensor, text: torch.Tensor, timesteps: torch.Tensor, *,
+                motion_free: torch.Tensor | None = None, fps: torch.Tensor | None = None) -> torch.Tensor:
+        """``motion_free`` (B,) bool: those samples' frames do not see each other (GenTron); None or all
+        False is the plain DiT. ``fps`` (B,) frame rates, required with ``fps_conditioning`` and refused
+        without it."""
         cfg = self.cfg
         b, t, c, h, w = latents.shape
         p, pt = cfg.patch_size, cfg.patch_size_t or 1
@@ -406,8 +487,24 @@ class DiT(nn.Module):
         if timesteps.shape != (b,):
             raise ValueError(f"DiT: expected timesteps ({b},), got {tuple(timesteps.shape)}")
         frames, rows, cols, n_text = t // pt, h // p, w // p, text.shape[1]
+        if (fps is not None) != cfg.fps_conditioning:
+            raise ValueError(f"DiT: fps_conditioning={cfg.fps_conditioning} expects fps "
+                             f"{'(B,)' if cfg.fps_conditioning else 'None'}, got "
+                             f"{None if fps is None else tuple(fps.shape)}")
+        if fps is not None and fps.shape != (b,):
+            raise ValueError(f"DiT: expected fps ({b},), got {tuple(fps.shape)}")
+        mf = None
+        if motion_free is not None:
+            if motion_free.shape != (b,) or motion_free.dtype != torch.bool:
+                raise ValueError(f"DiT: expected motion_free ({b},) bool, got {tuple(motion_free.shape)} "
+                                 f"{motion_free.dtype}")
+            n_free = int(motion_free.sum())  # one host sync per forward, not per block
+            if n_free:
+                mf = MotionFree(motion_free, n_text, frames, all=n_free == b)
 
         emb = self.time_embedding(timestep_sinusoid(timesteps, cfg.dim).to(latents.dtype))  # (B, time_embed_dim)
+        if fps is not None:
+            emb = emb + self.ofs_embedding(timestep_sinusoid(fps, cfg.time_embed_dim).to(latents.dtype))
         tokens = self.patch_embed(latents, text)  # (B, L + N, D)
         c_tok, x = tokens[:, :n_text], tokens[:, n_text:]  # (B, L, D), (B, N, D)
         pos = self.positions(frames, rows, cols, n_text, latents.device)
@@ -419,9 +516,9 @@ class DiT(nn.Module):
 
         for block in self.transformer_blocks:
             if cfg.checkpointing and self.training and torch.is_grad_enabled():
-                x, c_tok = checkpoint(block, x, c_tok, emb, rope, use_reentrant=False)
+                x, c_tok = checkpoint(block, x, c_tok, emb, rope, mf, use_reentrant=False)
             else:
-                x, c_tok = block(x, c_tok, emb, rope)
+                x, c_tok = block(x, c_tok, emb, rope, mf)
 
         x = self.norm_out(self.norm_final(x), emb)  # (B, N, D)
         x = self.proj_out(x)  # (B, N, C_out * pt * p * p), features ordered (C, pt, p, p)
@@ -450,7 +547,7 @@ def _param_counts(cfg: DiTConfig) -> tuple[tuple[str, int], ...]:
         model = DiT(cfg)
     total = sum(p.numel() for p in model.parameters())
     per_sample = sum(p.numel() for name, p in model.named_parameters()
-                     if name.startswith("time_embedding.") or (".norm" in f".{name}" and ".linear." in name))
+                     if name.startswith(("time_embedding.", "ofs_embedding.")) or (".norm" in f".{name}" and ".linear." in name))
     return (("total", total), ("per_sample", per_sample), ("per_token", total - per_sample))
 
 
@@ -465,9 +562,11 @@ __all__ = [
     "POS_EMBEDS",
     "DiT",
     "DiTConfig",
+    "MotionFree",
     "apply_rope",
     "dit_config",
     "flops_per_token",
+    "motion_free_attention",
     "param_counts",
     "rope_positions",
     "rope_table",

@@ -246,3 +246,142 @@ def test_bad_inputs_are_rejected_with_the_expected_shape():
         dit_config("tiny", pos_embed="learned")
     with pytest.raises(KeyError, match="preset"):
         dit_config("7b")
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 10: GenTron's motion-free switch and CogVideo's frame-rate conditioning
+# ---------------------------------------------------------------------------------------------
+
+from trainer.models.dit import MotionFree, motion_free_attention  # noqa: E402
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_options_off_give_the_plain_dit_bit_for_bit(name):
+    cfg = VARIANTS[name]
+    model = _randomised(cfg)
+    frames = 4 if cfg.patch_size_t else 3
+    latents, text, t = _inputs(cfg, frames, 8, 8)
+    with torch.no_grad():
+        plain = model(latents, text, t)
+        off = model(latents, text, t, motion_free=torch.zeros(2, dtype=torch.bool), fps=None)
+    assert torch.equal(plain, off)
+    assert not cfg.fps_conditioning and not any(k.startswith("ofs_") for k in model.state_dict())
+
+
+def _dense_block_diagonal_reference(q, k, v, n_text, frames):
+    """The motion-free attention written as the dense boolean mask it replaces: text rows see text,
+    a frame's rows see the text and that frame."""
+    s = q.shape[2]
+    n = (s - n_text) // frames
+    owner = torch.cat([torch.full((n_text,), -1), torch.arange(frames).repeat_interleave(n)])  # (S,)
+    allowed = (owner[None, :] == -1) & (owner[:, None] == -1)  # text -> text
+    allowed |= (owner[:, None] >= 0) & ((owner[None, :] == -1) | (owner[None, :] == owner[:, None]))
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+
+
+def test_frame_local_attention_equals_the_dense_block_diagonal_mask():
+    g = torch.Generator().manual_seed(0)
+    n_text, frames, n = 5, 3, 6
+    q, k, v = (torch.randn(3, 2, n_text + frames * n, 8, generator=g) for _ in range(3))
+    expected = _dense_block_diagonal_reference(q, k, v, n_text, frames)
+    every = MotionFree(torch.ones(3, dtype=torch.bool), n_text, frames, all=True)
+    torch.testing.assert_close(motion_free_attention(q, k, v, every), expected, rtol=1e-5, atol=1e-6)
+    mixed = MotionFree(torch.tensor([True, False, True]), n_text, frames, all=False)
+    got = motion_free_attention(q, k, v, mixed)
+    torch.testing.assert_close(got[[0, 2]], expected[[0, 2]], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[1], torch.nn.functional.scaled_dot_product_attention(q, k, v)[1])
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_motion_free_frames_do_not_see_each_other(name):
+    cfg = VARIANTS[name]
+    model = _randomised(cfg)
+    pt = cfg.patch_size_t or 1
+    frames = 3 * pt
+    latents, text, t = _inputs(cfg, frames, 8, 8)
+    changed = latents.clone()
+    changed[:, pt:2 * pt] += 1.0  # latent frame(s) of token frame 1
+    others = [i for i in range(frames) if not pt <= i < 2 * pt]
+    on = torch.ones(2, dtype=torch.bool)
+    with torch.no_grad():
+        a, b = model(latents, text, t, motion_free=on), model(changed, text, t, motion_free=on)
+        a_off, b_off = model(latents, text, t), model(changed, text, t)
+    torch.testing.assert_close(b[:, others], a[:, others], rtol=0, atol=1e-6)
+    assert (b[:, pt:2 * pt] - a[:, pt:2 * pt]).abs().max() > 1e-2
+    assert (b_off[:, others] - a_off[:, others]).abs().max() > 1e-2, "without the switch frames must interact"
+    # the text still conditions a motion-free sample
+    with torch.no_grad():
+        c = model(latents, text + 1.0, t, motion_free=on)
+    assert (c - a).abs().max() > 1e-2
+
+
+def test_a_mixed_batch_gives_each_sample_its_own_mode():
+    cfg = VARIANTS["rope"]
+    model = _randomised(cfg)
+    latents, text, t = _inputs(cfg, 3, 8, 8)
+    with torch.no_grad():
+        mixed = model(latents, text, t, motion_free=torch.tensor([True, False]))
+        free = model(latents, text, t, motion_free=torch.ones(2, dtype=torch.bool))
+        plain = model(latents, text, t)
+    torch.testing.assert_close(mixed[0], free[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed[1], plain[1], rtol=1e-5, atol=1e-6)
+    assert (free[1] - plain[1]).abs().max() > 1e-2
+
+
+def test_motion_free_trains_through_checkpointed_blocks():
+    cfg = dit_config("tiny", checkpointing=True)
+    model = _randomised(cfg).train()
+    latents, text, t = _inputs(cfg, 1, 8, 8)
+    static = latents.expand(-1, 3, -1, -1, -1).contiguous()  # GenTron's image repeated into a pseudo-video
+    model(static, text, t, motion_free=torch.ones(2, dtype=torch.bool)).square().mean().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert model.transformer_blocks[0].attn1.to_q.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="motion_free"):
+        model(static, text, t, motion_free=torch.ones(2))
+
+
+def test_fps_conditioning_adds_only_the_ofs_keys_and_starts_as_the_plain_dit():
+    cfg = dit_config("tiny")
+    on_cfg = dataclasses.replace(cfg, fps_conditioning=True)
+    plain, on = DiT(cfg), DiT(on_cfg)
+    extra = set(on.state_dict()) - set(plain.state_dict())
+    assert set(plain.state_dict()) <= set(on.state_dict())
+    assert extra == {f"ofs_embedding.linear_{i}.{p}" for i in (1, 2) for p in ("weight", "bias")}
+    assert param_counts(on_cfg)["per_sample"] - param_counts(cfg)["per_sample"] == sum(
+        on.state_dict()[k].numel() for k in extra)
+    model = _randomised(cfg)
+    with_fps = DiT(on_cfg).eval()
+    with_fps.load_state_dict(model.state_dict(), strict=False)  # ofs_embedding keeps its zero last layer
+    latents, text, t = _inputs(cfg, 2, 8, 8)
+    with torch.no_grad():
+        y8, y24 = with_fps(latents, text, t, fps=torch.tensor([8.0, 8.0])), with_fps(
+            latents, text, t, fps=torch.tensor([24.0, 24.0]))
+        torch.testing.assert_close(y8, model(latents, text, t))
+        assert torch.equal(y8, y24), "zero-initialised: the frame rate cannot matter yet"
+        with_fps.ofs_embedding.linear_2.weight.normal_(0.0, 0.2)
+        y8, y24 = with_fps(latents, text, t, fps=torch.tensor([8.0, 8.0])), with_fps(
+            latents, text, t, fps=torch.tensor([24.0, 24.0]))
+    assert (y8 - y24).abs().max() > 1e-2
+    with pytest.raises(ValueError, match="fps"):
+        with_fps(latents, text, t)
+    with pytest.raises(ValueError, match="fps"):
+        model(latents, text, t, fps=torch.tensor([8.0, 8.0]))
+
+
+def test_fps_conditioned_export_loads_in_diffusers_with_fps_as_ofs(tmp_path):
+    cfg = dit_config("tiny", fps_conditioning=True)
+    ours = _randomised(cfg)
+    out = export_diffusers(cfg, ours.state_dict(), tmp_path, text_encoder="tiny-t5-stand-in", vae_checkpoint=None)
+    ref = CogVideoXTransformer3DModel.from_pretrained(out / "transformer").eval()
+    assert ref.config.ofs_embed_dim == cfg.time_embed_dim
+    latents, text, t = _inputs(cfg, 2, 8, 8)
+    pipe = types.SimpleNamespace(transformer=ref, vae_scale_factor_spatial=8)
+    rotary = CogVideoXPipeline._prepare_rotary_positional_embeddings(pipe, 64, 64, 2, torch.device("cpu"))
+    fps = torch.tensor([8.0, 30.0])
+    with torch.no_grad():
+        got = ours(latents, text, t, fps=fps)
+        expected = ref(latents, text, t, ofs=fps, image_rotary_emb=rotary, return_dict=False)[0]
+        other = ours(latents, text, t, fps=fps.flip(0))
+    assert (got - expected).abs().max().item() <= PARITY_ATOL
+    assert (got - other).abs().max() > 1e-2
