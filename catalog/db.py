@@ -52,6 +52,8 @@ BASE_TABLES: dict[str, str] = {
     "runs": "runs",
 }
 SHARD_TABLES = ("shards", "shard_samples")
+# Training lineage: written by register_checkpoint (the training jobs call it).
+LINEAGE_TABLES = ("checkpoints", "checkpoint_clips")
 # Columns added to catalog.schema after runs had been written with it: a run folder without them still registers,
 # with NULLs there (the report then shows a placeholder card instead of a preview).
 ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"clips": ("preview_jpeg",)}
@@ -251,6 +253,9 @@ TABLE_DOCS: dict[str, str] = {
     "runs": "one row per curation run attempt (a resumed run keeps its run_id)",
     "shards": "WebDataset tars written by jobs.shards",
     "shard_samples": "which clip went into which shard, bucket and key",
+    "checkpoints": "one row per registered training checkpoint: run, stage, step, config, the shard folder and SQL "
+                   "selection it trained on, metrics; init_from links a stage to the one it started from",
+    "checkpoint_clips": "which clip trained which checkpoint (its own stage's shard samples, by bucket)",
     "thresholds": "what counts as kept: edit a value (python -m catalog set-threshold) and kept_clips follows at once; "
                   "NULL value switches a threshold off",
     "videos": "videos, latest run per video_id",
@@ -271,7 +276,7 @@ def _schema_for(table: str) -> pa.Schema:
 
 
 def _ensure_tables(con: duckdb.DuckDBPyConnection) -> None:
-    for table in [*BASE_TABLES.values(), *SHARD_TABLES]:
+    for table in [*BASE_TABLES.values(), *SHARD_TABLES, *LINEAGE_TABLES]:
         sch = _schema_for(table)
         con.execute(_table_ddl(table, sch))
         # A catalog made by an older schema.py gains the columns added since (schema edits are additive).
@@ -353,7 +358,7 @@ def _view_columns_docs() -> dict[str, dict[str, str]]:
 
 
 def _comment_everything(con: duckdb.DuckDBPyConnection) -> None:
-    for table in [*BASE_TABLES.values(), *SHARD_TABLES]:
+    for table in [*BASE_TABLES.values(), *SHARD_TABLES, *LINEAGE_TABLES]:
         sch = _schema_for(table)
         for f in sch:
             con.execute(f"COMMENT ON COLUMN {table}.{f.name} IS {_q(_field_doc(f))}")
@@ -634,3 +639,85 @@ def append_rows(con: duckdb.DuckDBPyConnection, table: str, rows: pa.Table | Ite
     finally:
         con.unregister("_incoming")
     return arrow.num_rows
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training lineage
+
+
+def clip_ids_sha256(clip_ids: Iterable[str]) -> str:
+    """The hash a selection is recorded by: sha256 of the distinct clip ids, sorted, newline-joined."""
+    return hashlib.sha256("\n".join(sorted(set(clip_ids))).encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CheckpointRecord:
+    """What ``register_checkpoint`` wrote."""
+
+    checkpoint: str
+    clips: int  # checkpoint_clips rows (one per clip and bucket)
+    distinct_clips: int
+
+
+def register_checkpoint(db_path: str | Path, *, checkpoint: str | Path, run: str, stage: str, kind: str, step: int,
+                        config: dict, shards_output: str | Path, buckets: Iterable[str],
+                        init_from: str | Path | None = None, selection: str | None = None,
+                        selection_rows: int | None = None, selection_sha256: str | None = None,
+                        metrics: dict | None = None) -> CheckpointRecord:
+    """Record a training checkpoint and the clips that trained it; registering the same checkpoint again
+    replaces its rows.
+
+    ``shards_output`` is the shard folder the stage read (pixels or precomputed: both carry each sample's clip
+    id); its ``shards`` / ``shard_samples`` rows are recorded first when the catalog lacks them, and the
+    checkpoint's clips are that folder's samples in ``buckets``. ``selection`` defaults to the WHERE its
+    manifest names.
+    """
+    import json
+
+    from catalog.shard_index import register_output
+    from catalog.shards import MANIFEST, read_manifest
+
+    out = Path(shards_output).resolve()
+    manifest = read_manifest(out)
+    if manifest is None:
+        raise FileNotFoundError(f"shards_output {out}: expected a shard folder with {MANIFEST}")
+    buckets = sorted(set(buckets))
+    unknown = [b for b in buckets if b not in manifest["buckets"]]
+    if unknown:
+        raise ValueError(f"buckets {unknown}: not in {out / MANIFEST}, which lists {sorted(manifest['buckets'])}")
+    register_output(db_path, out)  # idempotent: writes nothing when the catalog already has these rows
+    row = {
+        "checkpoint": str(Path(checkpoint).resolve()), "run": run, "stage": stage, "kind": kind, "step": int(step),
+        "config": json.dumps(config, sort_keys=True, default=str),
+        "init_from": str(Path(init_from).resolve()) if init_from else None,
+        "shards_output": str(out), "shard_manifest_sha256": hashlib.sha256((out / MANIFEST).read_bytes()).hexdigest(),
+        "buckets": buckets, "selection": selection if selection is not None else manifest.get("where"),
+        "selection_rows": selection_rows, "selection_sha256": selection_sha256,
+        "metrics": json.dumps(metrics or {}, sort_keys=True, default=str), "registered_at": datetime.now(UTC),
+    }
+    table = schema.to_table("checkpoints", [row])
+    con = open_catalog(db_path)
+    try:
+        con.execute("BEGIN TRANSACTION")
+        try:
+            con.execute("DELETE FROM checkpoints WHERE checkpoint = ?", [row["checkpoint"]])
+            con.execute("DELETE FROM checkpoint_clips WHERE checkpoint = ?", [row["checkpoint"]])
+            con.register("_incoming", table)
+            con.execute(f"INSERT INTO checkpoints ({', '.join(schema.CHECKPOINTS.names)}) "
+                        f"SELECT {', '.join(schema.CHECKPOINTS.names)} FROM _incoming")
+            con.unregister("_incoming")
+            con.execute(
+                "INSERT INTO checkpoint_clips (checkpoint, clip_id, video_id, bucket, shard, output) "
+                "SELECT DISTINCT ?, clip_id, video_id, bucket, shard, output FROM shard_samples "
+                "WHERE output = ? AND list_contains(?::VARCHAR[], bucket)",
+                [row["checkpoint"], str(out), buckets],
+            )
+            n, distinct = con.execute("SELECT count(*), count(DISTINCT clip_id) FROM checkpoint_clips "
+                                      "WHERE checkpoint = ?", [row["checkpoint"]]).fetchone()
+            con.execute("COMMIT")
+        except duckdb.Error:
+            con.execute("ROLLBACK")
+            raise
+    finally:
+        con.close()
+    return CheckpointRecord(row["checkpoint"], int(n), int(distinct))

@@ -117,6 +117,33 @@ SHARD_SAMPLES = pa.schema([
     _f("output", pa.string(), "shard output folder"),
 ])
 
+CHECKPOINTS = pa.schema([
+    _f("checkpoint", pa.string(), "checkpoint folder (absolute path): the id of the checkpoint", False),
+    _f("run", pa.string(), "training run name ([ray] name); its checkpoints share it", False),
+    _f("stage", pa.string(), "which step of the recipe: vae_stage1, vae_stage2, dit, dit_hq, ...", False),
+    _f("kind", pa.string(), "trainer that wrote it: vae or dit"),
+    _f("step", pa.int64(), "optimizer steps the checkpoint holds"),
+    _f("config", pa.string(), "the stage config as JSON"),
+    _f("init_from", pa.string(), "checkpoint whose weights started this run (the previous stage); null from scratch"),
+    _f("shards_output", pa.string(), "shard folder it trained on (shards.output / shard_samples.output)"),
+    _f("shard_manifest_sha256", pa.string(), "sha256 of that folder's manifest.json when training started"),
+    _f("buckets", pa.list_(pa.string()), "buckets (FxHxW) of that folder the stage drew from"),
+    _f("selection", pa.string(), "SQL WHERE over kept_clips that chose the training clips"),
+    _f("selection_rows", pa.int64(), "clips that WHERE selected when the stage was built"),
+    _f("selection_sha256", pa.string(), "sha256 of the selected clip ids, sorted and newline-joined"),
+    _f("metrics", pa.string(), "the last logged metrics as JSON (loss, tokens/s, ...)"),
+    _f("registered_at", pa.timestamp("us", tz="UTC"), "when the checkpoint was registered"),
+])
+
+CHECKPOINT_CLIPS = pa.schema([
+    _f("checkpoint", pa.string(), "checkpoints.checkpoint", False),
+    _f("clip_id", pa.string(), "clips.clip_id of a sample the checkpoint's own stage trained on", False),
+    _f("video_id", pa.string(), "videos.video_id", False),
+    _f("bucket", pa.string(), "FxHxW it was trained at", False),
+    _f("shard", pa.string(), "shard_samples.shard", False),
+    _f("output", pa.string(), "shard_samples.output", False),
+])
+
 TABLES: dict[str, pa.Schema] = {
     "videos": VIDEOS,
     "clips": CLIPS,
@@ -124,6 +151,8 @@ TABLES: dict[str, pa.Schema] = {
     "runs": RUNS,
     "shards": SHARDS,
     "shard_samples": SHARD_SAMPLES,
+    "checkpoints": CHECKPOINTS,
+    "checkpoint_clips": CHECKPOINT_CLIPS,
 }
 
 
