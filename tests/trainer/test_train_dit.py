@@ -91,6 +91,22 @@ def test_resume_continues_with_the_same_next_step_loss(dit_assets, tmp_path: Pat
             assert torch.equal(end_b[part][key], value), f"{part}.{key}"
 
 
+def test_next_stage_starts_from_the_previous_stages_ema_weights(dit_assets, tmp_path: Path) -> None:
+    main(cfg_for(dit_assets, train={"steps": 2, "ckpt_every": 2, "sample_every": 2}, optim={"warmup_steps": 1},
+                 sample={"prompts": []}), LocalRun(tmp_path / "stage_a", device=CPU))
+    stage_a, _ = load_checkpoint(latest_checkpoint(tmp_path / "stage_a"), rank=0)
+    # The next stage on other buckets (images only here); lr = 0 and ema_decay = 1 keep the weights it started from.
+    main(cfg_for(dit_assets, data={"buckets": ["1x32x32"], "weights": [1.0], "batch_sizes": [2]},
+                 optim={"lr": 0.0, "warmup_steps": 0, "schedule": "constant"},
+                 train={"steps": 1, "ckpt_every": 1, "sample_every": 1, "ema_decay": 1.0,
+                        "init_from": str(tmp_path / "stage_a")}, sample={"prompts": []}),
+         LocalRun(tmp_path / "stage_b", device=CPU))
+    stage_b, _ = load_checkpoint(latest_checkpoint(tmp_path / "stage_b"), rank=0)
+    for key, value in stage_a["ema"].items():
+        assert torch.equal(stage_b["model"][key], value), key
+    assert any(not torch.equal(stage_a["ema"][k], stage_a["model"][k]) for k in stage_a["ema"])  # EMA, not raw
+
+
 def test_checkpoint_records_the_encoders_and_samples_sit_beside_it(dit_assets, tmp_path: Path) -> None:
     main(cfg_for(dit_assets), LocalRun(tmp_path / "run", device=CPU))
     folder = tmp_path / "run" / "checkpoint_000004"
