@@ -7,6 +7,10 @@ aggregate over the base table on an already open connection.
 
     python bench/catalog_query.py [--clips 1000000] [--repeat 5] [--workdir DIR]
 
+Then streams a ``--format json`` result of ``--json-rows`` rows (default 10,000,000) through ``python -m catalog`` in
+a child process to /dev/null and prints its peak RSS: ``json_peak_rss_mb=X`` (target < 500; the command holds one
+Arrow batch at a time). ``--json-rows 0`` skips it.
+
 Last line: ``query_seconds=X`` (median end-to-end CLI time; target < 0.2 s).
 """
 from __future__ import annotations
@@ -17,6 +21,7 @@ import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -133,6 +138,10 @@ def synthetic_run(n_clips: int, clips_per_video: int, run_id: str, rng: np.rando
     runs = [{"run_id": run_id, "started_at": now, "finished_at": now, "wall_seconds": 3600.0, "input": "s3://raw",
              "output": "/bench", "config": "{}", "package_versions": "{}",
              "counts": json.dumps({"videos": n_videos, "clips": n_clips}), "standin_models": False}]
+    # Columns added to the schema since (none of them read by the timed queries) are NULL.
+    for columns, table_schema, rows in ((clips, schema.CLIPS, n), (videos, schema.VIDEOS, n_videos)):
+        for f in table_schema:
+            columns.setdefault(f.name, pa.nulls(rows, f.type))
     return {
         "videos": pa.table(videos).select(schema.VIDEOS.names).cast(schema.VIDEOS),
         "clips": pa.table(clips).select(schema.CLIPS.names).cast(schema.CLIPS),
@@ -141,12 +150,36 @@ def synthetic_run(n_clips: int, clips_per_video: int, run_id: str, rng: np.rando
     }
 
 
+JSON_QUERY = "SELECT range AS i, 'clip ' || range AS clip_id, range / 7.0 AS score FROM range({rows})"
+
+
+# The child reports its own VmHWM: a fork's ru_maxrss starts at the parent's RSS (the bench holds the table).
+_JSON_CHILD = ("import sys\nfrom catalog.cli import main\ncode = main(sys.argv[1:])\nsys.stdout.flush()\n"
+               "hwm = [ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:')][0]\n"
+               "sys.stderr.write(hwm)\nsys.exit(code)\n")
+
+
+def json_peak_rss(db_path: Path, rows: int) -> tuple[float, float]:
+    """(peak RSS in MB, wall seconds) of the command line's ``--format json`` of ``rows`` rows into /dev/null."""
+    start = time.perf_counter()
+    with open(os.devnull, "w") as sink:
+        proc = subprocess.run([sys.executable, "-c", _JSON_CHILD, str(db_path), "--format", "json", "--timeout", "0",
+                               JSON_QUERY.format(rows=rows)], stdout=sink, stderr=subprocess.PIPE, text=True,
+                              check=False, cwd=Path(__file__).resolve().parents[1])
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"json query failed: {proc.stderr.strip()}")
+    kib = int(proc.stderr.strip().splitlines()[-1].split()[1])  # "VmHWM:   123456 kB"
+    return kib / 1024, seconds
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clips", type=int, default=1_000_000)
     ap.add_argument("--clips-per-video", type=int, default=10)
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--workdir", type=Path, default=None)
+    ap.add_argument("--json-rows", type=int, default=10_000_000, help="rows of the streamed json query; 0 skips it")
     ap.add_argument("--keep", type=Path, default=None,
                     help="keep the built catalog at this path and reuse it next time (skips the build)")
     args = ap.parse_args()
@@ -195,6 +228,9 @@ def main() -> None:
         print(f"cli_first_seconds={cli_times[0]:.3f} cli_min_seconds={min(cli_times):.3f} "
               f"cli_cpu_seconds={statistics.median(cli_cpu):.3f} base_table_query_seconds={base_s:.3f} "
               f"cli_vs_base_ratio={cli_s / base_s:.2f} load_average={os.getloadavg()[0]:.1f} cpus={os.cpu_count()}")
+        if args.json_rows > 0:
+            peak_mb, json_s = json_peak_rss(db_path, args.json_rows)
+            print(f"json_rows={args.json_rows} json_seconds={json_s:.1f} json_peak_rss_mb={peak_mb:.0f} (target < 500)")
         print(f"query_seconds={cli_s:.3f}")
 
 

@@ -1,13 +1,22 @@
-"""``python -m catalog``: SQL over a catalog file, read-only, plus the few explicit write commands.
+"""``python -m catalog``: SQL over a catalog file, sealed to it, plus the few explicit write commands.
 
-    python -m catalog DB "SQL" [--format table|csv|json] [--max-rows N]
+    python -m catalog DB "SQL" [--format table|csv|json] [--max-rows N] [--timeout S] [--memory-limit SIZE]
     python -m catalog set-threshold DB NAME VALUE        (VALUE 'off' switches the threshold off)
     python -m catalog register DB RUN_DIR
     python -m catalog report DB --output report.html
 
-Queries run on a read-only connection, and statements other than queries are refused before anything runs,
-because DuckDB's read-only mode still lets ``COPY ... TO``, ``ATTACH`` and temporary objects through.
-Exit status: 0 ok, 1 SQL error, 2 usage error, refused statement or missing file.
+The query connection is the seal: it opens the catalog read-only (DuckDB itself refuses any statement that would
+change the file) with external access off (no other file, URL, database or extension: ``read_csv('/etc/passwd')``,
+``COPY ... TO``, ``ATTACH``, ``INSTALL``, https reads all fail inside DuckDB), no extension auto-install or
+auto-load, a memory limit, and the configuration locked so ``SET`` cannot undo any of it. A timer interrupts the
+connection at ``--timeout`` (DuckDB 1.x has no query timeout of its own). Before anything runs, each statement is
+checked by the type DuckDB's parser gives it (not by its keywords): queries, plans and table-function calls run;
+anything else (writes, temporary objects, ``SET``, ``ATTACH``, ...) is refused with a pointer to the write
+commands. Results stream from DuckDB in Arrow batches for every format, so a 10M-row ``--format json`` holds one
+batch at a time.
+
+Exit status: 0 ok, 1 SQL error (any DuckDB error, the timeout, a query that is not valid UTF-8), 2 usage error,
+refused statement or missing file. Every error is one line on stderr.
 """
 from __future__ import annotations
 
@@ -16,12 +25,14 @@ import base64
 import csv
 import datetime as dt
 import decimal
+import itertools
 import json
 import math
 import re
 import sys
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -34,14 +45,30 @@ FORMATS = ("table", "csv", "json")
 SUBCOMMANDS = ("set-threshold", "register", "report")
 EXIT_SQL_ERROR = 1
 EXIT_USAGE = 2
+DEFAULT_TIMEOUT_S = 300.0
+DEFAULT_MEMORY_LIMIT = "2GB"
+BATCH_ROWS = 2048
+"""Rows per Arrow batch pulled from DuckDB: the most any format holds at once (the table format holds its shown rows)."""
+TABLE_BLOCK_ROWS = 10_000
+"""With --max-rows 0 the table format aligns and prints this many rows at a time (the header repeats per block)."""
 
-# Statement kinds that only read. DESCRIBE, SHOW, SUMMARIZE and table-function PRAGMAs parse as SELECT.
-_READ_ONLY_TYPES = {duckdb.StatementType.SELECT}
-_EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(?:ANALY[SZ]E\s+)?(?P<inner>.*)$", re.IGNORECASE | re.DOTALL)
+_T = duckdb.StatementType
+# What DuckDB says a statement is: a query (SELECT also covers DESCRIBE, SHOW, SUMMARIZE, UNPIVOT, PIVOT ... IN,
+# table-function PRAGMAs), a plan, or a table-function call. EXPLAIN ANALYZE runs its statement; the sealed
+# read-only connection is what keeps that statement from writing anything.
+_READ_TYPES = {_T.SELECT, _T.EXPLAIN, _T.CALL}
+# Statements the parser itself adds in front of or after one the user wrote -- a PIVOT's temporary enum types,
+# the transaction around an EXPLAIN -- carry no text of their own and run as part of it.
+_HELPER_TYPES = {_T.CREATE, _T.TRANSACTION}
+_SIZE = re.compile(r"^\s*\d+(\.\d+)?\s*(B|KB|MB|GB|TB|KIB|MIB|GIB|TIB)\s*$", re.IGNORECASE)
 
 
 class RefusedStatement(ValueError):
     """A statement that could write was given to the read-only query command."""
+
+
+class QueryError(Exception):
+    """The query could not run or finish: DuckDB's error, the timeout, or text that is not UTF-8. One line."""
 
 
 class UsageError(Exception):
@@ -55,8 +82,25 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+def one_line(message: str) -> str:
+    """A multi-line DuckDB message (``LINE 1: ...`` and its caret) as one line; non-UTF-8 text escaped."""
+    lines = [ln.strip() for ln in str(message).splitlines()]
+    text = " ".join(ln for ln in lines if ln and set(ln) != {"^"})
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def check_utf8(sql: str) -> None:
+    """Raise QueryError naming the first byte that is not UTF-8 (argv holds it as a surrogate escape)."""
+    try:
+        sql.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        ch = ord(sql[exc.start])
+        what = f"byte 0x{ch - 0xDC00:02x}" if 0xDC80 <= ch <= 0xDCFF else f"code point U+{ch:04X}"
+        raise QueryError(f"the query is not valid UTF-8: {what} at character {exc.start}") from None
+
+
 def check_read_only(sql: str) -> list[duckdb.Statement]:
-    """Parse ``sql`` and return its statements; raise RefusedStatement if any is not a query.
+    """Parse ``sql`` and return its statements; raise RefusedStatement for any whose DuckDB type is not read-only.
 
     Raises duckdb.ParserException for SQL that does not parse.
     """
@@ -64,40 +108,114 @@ def check_read_only(sql: str) -> list[duckdb.Statement]:
     if not statements:
         raise RefusedStatement("no SQL statement given")
     for st in statements:
-        kind = st.type
-        if kind == duckdb.StatementType.EXPLAIN:
-            # EXPLAIN ANALYZE runs its statement, so the inner statement must be a query too.
-            m = _EXPLAIN.match(_strip_comments(st.query))
-            if m is None:
-                raise RefusedStatement(f"cannot tell what this EXPLAIN runs: {st.query.strip()[:80]!r}")
-            check_read_only(m.group("inner"))
+        if st.type in _READ_TYPES or (st.type in _HELPER_TYPES and not st.query.strip()):
             continue
-        if kind not in _READ_ONLY_TYPES:
-            name = kind.name.replace("_", " ")
-            raise RefusedStatement(
-                f"refused: this command is read-only and {name} statements can write "
-                f"({st.query.strip()[:80]!r}); only queries (SELECT, FROM, WITH, DESCRIBE, SHOW, SUMMARIZE, "
-                f"EXPLAIN) run here. Thresholds change with `python -m catalog set-threshold DB NAME VALUE`."
-            )
+        name = st.type.name.replace("_", " ")
+        raise RefusedStatement(
+            f"refused: this command is read-only and {name} statements can write "
+            f"({st.query.strip()[:80]!r}); only queries (SELECT, FROM, WITH, DESCRIBE, SHOW, SUMMARIZE, PIVOT, "
+            f"EXPLAIN, CALL) run here. Thresholds change with `python -m catalog set-threshold DB NAME VALUE`."
+        )
     return statements
 
 
-def _strip_comments(sql: str) -> str:
-    return re.sub(r"(--[^\n]*\n)|(/\*.*?\*/)", " ", sql, flags=re.DOTALL)
+def sealed_connection(db_path: str | Path, *, memory_limit: str = DEFAULT_MEMORY_LIMIT) -> duckdb.DuckDBPyConnection:
+    """The catalog, read-only, with no way out: no external files/URLs/extensions, configuration locked."""
+    config = {
+        "enable_external_access": False,
+        "autoinstall_known_extensions": False,
+        "autoload_known_extensions": False,
+        "allow_community_extensions": False,
+        "memory_limit": memory_limit,
+        "lock_configuration": True,  # last: SET can change none of the above
+    }
+    return duckdb.connect(str(db_path), read_only=True, config=config)
 
 
-def query(db_path: str | Path, sql: str) -> list[pa.Table]:
-    """Run read-only ``sql`` on the catalog; one Arrow table per statement."""
-    statements = check_read_only(sql)
-    con = db.open_catalog(db_path, read_only=True)
+class _Deadline:
+    """Interrupts a connection after ``seconds`` (0: never); ``check`` raises once it has fired."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection, seconds: float) -> None:
+        self.seconds = seconds
+        self.fired = threading.Event()
+        self._con = con
+        self._timer = threading.Timer(seconds, self._fire) if seconds > 0 else None
+        if self._timer is not None:
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _fire(self) -> None:
+        self.fired.set()
+        self._con.interrupt()
+
+    def check(self) -> None:
+        if self.fired.is_set():
+            raise QueryError(f"stopped: the query ran past --timeout {self.seconds:g} s "
+                             "(raise --timeout, or 0 for none)")
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
+def stream_query(db_path: str | Path, sql: str, *, timeout_s: float = DEFAULT_TIMEOUT_S,
+                 memory_limit: str = DEFAULT_MEMORY_LIMIT, batch_rows: int = BATCH_ROWS,
+                 ) -> Iterator[Iterator[pa.RecordBatch]]:
+    """Run read-only ``sql`` on the sealed catalog connection; yields one stream of Arrow batches per statement
+    that returns rows, each to be read before the next. Raises RefusedStatement before anything runs, QueryError
+    for DuckDB's errors and the timeout."""
+    check_utf8(sql)
     try:
-        return [con.execute(st.query).to_arrow_table() for st in statements]
+        statements = check_read_only(sql)
+        con = sealed_connection(db_path, memory_limit=memory_limit)
+    except duckdb.Error as exc:
+        raise QueryError(one_line(str(exc))) from None
+    deadline = _Deadline(con, timeout_s)
+    try:
+        for st in statements:
+            deadline.check()
+            try:
+                con.execute(st)
+            except duckdb.Error as exc:
+                deadline.check()
+                raise QueryError(one_line(str(exc))) from None
+            if st.type not in _READ_TYPES or con.description is None:
+                continue
+            yield _batches(con.to_arrow_reader(batch_rows), deadline)
+        deadline.check()
     finally:
+        deadline.cancel()
         con.close()
 
 
+def _batches(reader: pa.RecordBatchReader, deadline: _Deadline) -> Iterator[pa.RecordBatch]:
+    """The reader's batches; an interrupt or DuckDB error part-way is a QueryError. The first batch is always
+    yielded (empty when the result is), so a writer learns the schema."""
+    schema, sent = reader.schema, False
+    while True:
+        deadline.check()
+        try:
+            batch = reader.read_next_batch()
+        except StopIteration:
+            break
+        # pyarrow surfaces DuckDB's errors (the interrupt included) from inside the stream as OSError/ArrowException.
+        except (duckdb.Error, OSError, pa.ArrowException) as exc:
+            deadline.check()
+            raise QueryError(one_line(str(exc))) from None
+        sent = True
+        yield batch
+    if not sent:
+        yield pa.RecordBatch.from_pylist([], schema=schema)
+
+
+def query(db_path: str | Path, sql: str, **limits: Any) -> list[pa.Table]:
+    """Run read-only ``sql`` on the catalog; one Arrow table per statement that returns rows (held in memory:
+    for small results; the command line streams)."""
+    return [pa.Table.from_batches(list(batches)) for batches in stream_query(db_path, sql, **limits)]
+
+
 # ---------------------------------------------------------------------------------------------------------
-# Output formats
+# Output formats: each reads a stream of record batches and holds one at a time (table: its shown rows).
 
 
 def _cell_text(value: Any, typ: pa.DataType) -> str:
@@ -155,15 +273,24 @@ def _is_numeric(typ: pa.DataType) -> bool:
     return pa.types.is_integer(typ) or pa.types.is_floating(typ) or pa.types.is_decimal(typ)
 
 
-def write_table(result: pa.Table, out: IO[str], *, max_rows: int | None = 100) -> None:
-    """Aligned text table: numbers right-aligned, NULL spelled out, multi-line cells kept aligned, long results
-    cut at ``max_rows``."""
-    shown = result if max_rows is None else result.slice(0, max_rows)
-    types = [f.type for f in result.schema]
-    columns = [col.to_pylist() for col in shown.columns]
+Batches = pa.Table | pa.RecordBatchReader | Iterable[pa.RecordBatch]
+
+
+def _as_batches(result: Batches) -> Iterator[pa.RecordBatch]:
+    """Record batches of a table or a stream; the first is always there (maybe empty), for the schema."""
+    if isinstance(result, pa.Table):
+        batches = result.to_batches() or [pa.RecordBatch.from_pylist([], schema=result.schema)]
+        return iter(batches)
+    return iter(result)
+
+
+def _table_block(rows: pa.Table, out: IO[str]) -> None:
+    """Align and print ``rows`` under the header and its rule."""
+    types = [f.type for f in rows.schema]
+    columns = [col.to_pylist() for col in rows.columns]
     # cells[c][r] is the list of text lines of column c, row r (EXPLAIN plans and captions hold newlines).
     cells = [[_cell_text(v, typ).split("\n") for v in col] for col, typ in zip(columns, types, strict=True)]
-    headers = result.column_names
+    headers = rows.column_names
     widths = [max([len(h), *(len(line) for cell in col for line in cell)]) for h, col in zip(headers, cells, strict=True)]
     right = [_is_numeric(t) for t in types]
 
@@ -173,40 +300,72 @@ def write_table(result: pa.Table, out: IO[str], *, max_rows: int | None = 100) -
 
     out.write(line(headers) + "\n")
     out.write("-+-".join("-" * w for w in widths) + "\n")
-    for i in range(shown.num_rows):
+    for i in range(rows.num_rows):
         height = max(len(col[i]) for col in cells) if cells else 1
         for k in range(height):
             out.write(line([col[i][k] if k < len(col[i]) else "" for col in cells]) + "\n")
-    n = result.num_rows
-    if shown.num_rows < n:
-        out.write(f"({shown.num_rows} of {n} rows shown; --max-rows 0 shows all, --format csv|json prints all)\n")
+
+
+def write_table(result: Batches, out: IO[str], *, max_rows: int | None = 100) -> None:
+    """Aligned text table: numbers right-aligned, NULL spelled out, multi-line cells kept aligned, long results
+    cut at ``max_rows`` (the rest is counted, not held). ``max_rows=None`` prints every row, aligned
+    TABLE_BLOCK_ROWS at a time."""
+    batches = _as_batches(result)
+    first = next(batches)
+    schema = first.schema
+    block = TABLE_BLOCK_ROWS if max_rows is None else max_rows
+    held: list[pa.RecordBatch] = []
+    n_held = total = 0
+    printed = False
+    for batch in itertools.chain([first], batches):
+        total += batch.num_rows
+        while batch.num_rows and n_held < block:
+            take = batch.slice(0, block - n_held)
+            held.append(take)
+            n_held += take.num_rows
+            batch = batch.slice(take.num_rows)
+            if max_rows is None and n_held == block:
+                _table_block(pa.Table.from_batches(held, schema=schema), out)
+                held, n_held, printed = [], 0, True
+    if held or not printed:
+        _table_block(pa.Table.from_batches(held, schema=schema), out)
+    shown = total if max_rows is None else min(total, max_rows)
+    if shown < total:
+        out.write(f"({shown} of {total} rows shown; --max-rows 0 shows all, --format csv|json prints all)\n")
     else:
-        out.write(f"({n} row{'' if n == 1 else 's'})\n")
+        out.write(f"({total} row{'' if total == 1 else 's'})\n")
 
 
-def write_csv(result: pa.Table, out: IO[str]) -> None:
+def write_csv(result: Batches, out: IO[str]) -> None:
     """CSV with a header row; NULL is an empty field; lists and maps are JSON text."""
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(result.column_names)
-    types = [f.type for f in result.schema]
-    columns = [col.to_pylist() for col in result.columns]
-    for i in range(result.num_rows):
-        row = []
-        for col, typ in zip(columns, types, strict=True):
-            v = col[i]
-            row.append("" if v is None else _cell_text(v, typ))
-        writer.writerow(row)
+    header = False
+    for batch in _as_batches(result):
+        if not header:
+            writer.writerow(batch.schema.names)
+            header = True
+        types = [f.type for f in batch.schema]
+        columns = [col.to_pylist() for col in batch.columns]
+        for i in range(batch.num_rows):
+            writer.writerow(["" if col[i] is None else _cell_text(col[i], typ)
+                             for col, typ in zip(columns, types, strict=True)])
 
 
-def write_json(result: pa.Table, out: IO[str]) -> None:
-    """A JSON array of row objects."""
-    types = {f.name: f.type for f in result.schema}
-    rows = [{k: _jsonable(v, types[k]) for k, v in row.items()} for row in result.to_pylist()]
-    json.dump(rows, out, ensure_ascii=False, allow_nan=False)
-    out.write("\n")
+def write_json(result: Batches, out: IO[str]) -> None:
+    """A JSON array of row objects, written row by row."""
+    out.write("[")
+    sep = ""
+    for batch in _as_batches(result):
+        types = {f.name: f.type for f in batch.schema}
+        for row in batch.to_pylist():
+            out.write(sep)
+            out.write(json.dumps({k: _jsonable(v, types[k]) for k, v in row.items()}, ensure_ascii=False,
+                                 allow_nan=False))
+            sep = ", "
+    out.write("]\n")
 
 
-def write_result(result: pa.Table, fmt: str, out: IO[str], *, max_rows: int | None = 100) -> None:
+def write_result(result: Batches, fmt: str, out: IO[str], *, max_rows: int | None = 100) -> None:
     if fmt == "table":
         write_table(result, out, max_rows=max_rows)
     elif fmt == "csv":
@@ -221,6 +380,22 @@ def write_result(result: pa.Table, fmt: str, out: IO[str], *, max_rows: int | No
 # Commands
 
 
+def _memory_limit(text: str) -> str:
+    if not _SIZE.match(text):
+        raise argparse.ArgumentTypeError(f"expected a size like '2GB' or '512MiB', got {text!r}")
+    return text.strip()
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds (a number, 0 for none), got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"expected seconds >= 0 (0 for none), got {text!r}")
+    return value
+
+
 def _query_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="python -m catalog",
@@ -233,27 +408,35 @@ def _query_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="table", help="output format (default: table)")
     p.add_argument("--max-rows", type=int, default=100,
                    help="rows printed by the table format; 0 for all (default: 100)")
+    p.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT_S,
+                   help=f"stop the query after this many seconds, output included; 0 for none "
+                        f"(default: {DEFAULT_TIMEOUT_S:g})")
+    p.add_argument("--memory-limit", type=_memory_limit, default=DEFAULT_MEMORY_LIMIT,
+                   help=f"DuckDB's memory limit for the query (default: {DEFAULT_MEMORY_LIMIT})")
     return p
 
 
 def run_query(argv: Sequence[str], out: IO[str], err: IO[str]) -> int:
     args = _query_parser().parse_args(argv)
     if not Path(args.db).is_file():
-        err.write(f"error: catalog {args.db} does not exist (expected a DuckDB file written by jobs.curate)\n")
+        err.write(f"error: catalog {one_line(args.db)} does not exist (expected a DuckDB file written by jobs.curate)\n")
         return EXIT_USAGE
+    max_rows = None if args.max_rows <= 0 else args.max_rows
     try:
-        results = query(args.db, args.sql)
+        for i, batches in enumerate(stream_query(args.db, args.sql, timeout_s=args.timeout,
+                                                 memory_limit=args.memory_limit)):
+            if i and args.format == "table":
+                out.write("\n")
+            write_result(batches, args.format, out, max_rows=max_rows)
     except RefusedStatement as exc:
-        err.write(f"error: {exc}\n")
+        err.write(f"error: {one_line(str(exc))}\n")
         return EXIT_USAGE
-    except duckdb.Error as exc:
+    except QueryError as exc:
         err.write(f"error: {exc}\n")
         return EXIT_SQL_ERROR
-    max_rows = None if args.max_rows <= 0 else args.max_rows
-    for i, result in enumerate(results):
-        if i and args.format == "table":
-            out.write("\n")
-        write_result(result, args.format, out, max_rows=max_rows)
+    except duckdb.Error as exc:  # the parser's errors, raised before anything runs
+        err.write(f"error: {one_line(str(exc))}\n")
+        return EXIT_SQL_ERROR
     return 0
 
 
