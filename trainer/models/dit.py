@@ -547,7 +547,8 @@ def _param_counts(cfg: DiTConfig) -> tuple[tuple[str, int], ...]:
         model = DiT(cfg)
     total = sum(p.numel() for p in model.parameters())
     per_sample = sum(p.numel() for name, p in model.named_parameters()
-                     if name.startswith(("time_embedding.", "ofs_embedding.")) or (".norm" in f".{name}" and ".linear." in name))
+                     if name.startswith(("time_embedding.", "ofs_embedding."))
+                     or (".norm" in f".{name}" and ".linear." in name))
     return (("total", total), ("per_sample", per_sample), ("per_token", total - per_sample))
 
 
