@@ -37,8 +37,6 @@ from trainer.data import (
     batch_latents,
     batch_text,
     check_data,
-    measure_latent_scale,
-    pixels_to_float,
     posterior_generator,
     resolve_latent_scale,
 )
@@ -420,25 +418,27 @@ def main(cfg: DiTStageConfig, run: RunContext) -> list[dict[str, float]]:
 
 def latent_scale(cfg: DiTStageConfig, vae: nn.Module, vae_folder: Path, device: torch.device,
                  factors: dict[str, int]) -> float:
-    """data.latent_scale, else the VAE checkpoint's, else (vae.scale_batches > 0) measured over the first
-    training batches of rank 0's stream, the same on every rank."""
+    """data.latent_scale, else the VAE checkpoint's, else (vae.scale_batches > 0) 1/std of the posterior
+    samples of the first training batches of rank 0's stream (pixels through the VAE, or precomputed
+    moments), the same value on every rank."""
     try:
         return resolve_latent_scale(cfg.data.latent_scale, vae_folder)
     except FileNotFoundError:
         if cfg.vae.scale_batches == 0:
             raise
     probe = DiTBatches(dataclasses.replace(cfg.data, num_workers=0), seed=cfg.train.seed, **factors)
-    clips = []
-    for batch in probe:
-        if "pixels" not in batch:
-            raise ValueError(f"bucket {batch['bucket']}: precomputed latents need data.latent_scale set (the measured "
-                             "scale belongs to the VAE that wrote them)")
-        clips.append(pixels_to_float(batch["pixels"]))
-        if len(clips) == cfg.vae.scale_batches:
-            break
-    measured = measure_latent_scale(vae, clips, seed=cfg.train.seed, device=device)
-    print(f"[dit] measured latent scale {measured['latent_scale']:.5f} (1/std over {int(measured['clips'])} clips)")
-    return float(measured["latent_scale"])
+    total, total_sq, count = 0.0, 0.0, 0
+    for k, batch in zip(range(cfg.vae.scale_batches), probe):
+        z = batch_latents(batch, scale=1.0, vae=vae, generator=posterior_generator(cfg.train.seed, -1 - k, 0),
+                          device=device).double()  # (B, C, t, h, w)
+        total, total_sq, count = total + float(z.sum()), total_sq + float((z * z).sum()), count + z.numel()
+    mean = total / count
+    std = max(total_sq / count - mean * mean, 0.0) ** 0.5
+    if std == 0.0:
+        raise ValueError(f"latent scale: the VAE {vae_folder} gives latents with zero spread; expected a trained VAE")
+    print(f"[dit] measured latent scale {1.0 / std:.5f} (1/std over {cfg.vae.scale_batches} batches; "
+          f"set [data] latent_scale to fix it)")
+    return 1.0 / std
 
 
 def data_metrics(batches: DiTBatches, device: torch.device) -> dict[str, float]:

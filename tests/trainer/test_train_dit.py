@@ -91,6 +91,25 @@ def test_resume_continues_with_the_same_next_step_loss(dit_assets, tmp_path: Pat
             assert torch.equal(end_b[part][key], value), f"{part}.{key}"
 
 
+def test_latent_scale_is_measured_when_the_vae_checkpoint_has_none(dit_assets, tmp_path: Path) -> None:
+    vae_run = tmp_path / "vae_run"
+    shutil.copytree(dit_assets["vae"], vae_run)
+    ckpt = latest_checkpoint(vae_run)
+    stored = json.loads((ckpt / "latent_scale.json").read_text())["latent_scale"]
+    (ckpt / "latent_scale.json").unlink()
+    one_step = {"train": {"steps": 1, "ckpt_every": 1, "sample_every": 1}, "optim": {"warmup_steps": 0},
+                "sample": {"prompts": []}}
+    with pytest.raises(FileNotFoundError, match="latent scale: data.latent_scale is 0"):
+        main(cfg_for(dit_assets, vae={"checkpoint": str(vae_run)}, **one_step), LocalRun(tmp_path / "a", device=CPU))
+    got = main(cfg_for(dit_assets, vae={"checkpoint": str(vae_run), "scale_batches": 4}, **one_step),
+               LocalRun(tmp_path / "b", device=CPU))[-1]["latent_scale"]
+    assert got == pytest.approx(stored, rel=0.25)  # 1/std of other clips of the same VAE
+    state, _ = load_checkpoint(latest_checkpoint(tmp_path / "b"), rank=0)
+    assert state["latent_scale"] == got  # stored with the DiT checkpoint, so a resume keeps it
+    set_scale = main(cfg_for(dit_assets, data={"latent_scale": 0.5}, **one_step), LocalRun(tmp_path / "c", device=CPU))
+    assert set_scale[-1]["latent_scale"] == 0.5
+
+
 def test_next_stage_starts_from_the_previous_stages_ema_weights(dit_assets, tmp_path: Path) -> None:
     main(cfg_for(dit_assets, train={"steps": 2, "ckpt_every": 2, "sample_every": 2}, optim={"warmup_steps": 1},
                  sample={"prompts": []}), LocalRun(tmp_path / "stage_a", device=CPU))
