@@ -91,6 +91,34 @@ def test_resume_continues_with_the_same_next_step_loss(dit_assets, tmp_path: Pat
             assert torch.equal(end_b[part][key], value), f"{part}.{key}"
 
 
+def test_bad_samples_are_skipped_counted_in_the_metrics_then_stop_the_stage(dit_assets, tmp_path: Path) -> None:
+    from catalog.shards import BucketTarWriter
+    from trainer.data import BadDataError
+    from trainer.synthetic import synthetic_files
+
+    root = tmp_path / "shards"
+    writer = BucketTarWriter(root, dit_fixtures.VIDEO, maxcount=8, maxsize=2**62)
+    for i in range(8):
+        files = synthetic_files(i, dit_fixtures.VIDEO)
+        if i == 1:
+            files.pop("txt")  # no caption
+        writer.write(f"clip{i:04d}", files)
+    writer.close()
+    video_only = {"root": str(root), "buckets": [dit_fixtures.VIDEO], "weights": [1.0], "batch_sizes": [2],
+                  "bad_check_after": 4}
+    one_step = {"optim": {"warmup_steps": 0}, "sample": {"prompts": []}}
+    with pytest.warns(UserWarning, match="no caption"):
+        history = main(cfg_for(dit_assets, data=video_only | {"max_bad_fraction": 0.2},
+                               train={"steps": 2, "ckpt_every": 2, "sample_every": 2}, **one_step),
+                       LocalRun(tmp_path / "ok", device=CPU))
+    assert history[-1]["data_bad_samples"] == 1 and history[-1]["data_samples_read"] == 4
+    # 1 bad in 2 read is past 10 % once the fraction is checked: the stage stops naming the shard.
+    with pytest.warns(UserWarning), pytest.raises(BadDataError, match="clip0001|shard-000000"):
+        main(cfg_for(dit_assets, data=video_only | {"max_bad_fraction": 0.1, "bad_check_after": 2},
+                     train={"steps": 2, "ckpt_every": 2, "sample_every": 2}, **one_step),
+             LocalRun(tmp_path / "stop", device=CPU))
+
+
 def test_latent_scale_is_measured_when_the_vae_checkpoint_has_none(dit_assets, tmp_path: Path) -> None:
     vae_run = tmp_path / "vae_run"
     shutil.copytree(dit_assets["vae"], vae_run)
