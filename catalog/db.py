@@ -13,7 +13,8 @@ Layout of a catalog file (what a user sees with ``SHOW TABLES``; ``FROM column_d
 - ``shards`` / ``shard_samples``: written by the shard job; created empty so joins work before any exist.
 
 Threshold policy: a NULL value (or a missing row) switches a threshold off. A NULL score fails a threshold that is
-on (clips prefiltered at curation time have no model scores). Motion, overlay and duration thresholds do not apply
+on (clips prefiltered at curation time have no model scores), except for the OCR stage's text thresholds, which
+a run without that stage passes. Motion, overlay and duration thresholds do not apply
 to still images (``is_image``): an image has no motion, no content change to tell an overlay from, no length.
 Aesthetic, watermark and caption-similarity thresholds do not apply to clips of runs that used tiny random stand-in
 models (``runs.standin_models``): their scores are meaningless, as jobs.curate says; curation applies the same rule.
@@ -56,7 +57,8 @@ SHARD_TABLES = ("shards", "shard_samples")
 LINEAGE_TABLES = ("checkpoints", "checkpoint_clips")
 # Columns added to catalog.schema after runs had been written with it: a run folder without them still registers,
 # with NULLs there (the report then shows a placeholder card instead of a preview).
-ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"clips": ("preview_jpeg",)}
+ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"clips": ("preview_jpeg", "text_area_max", "text_area_mean", "text_boxes",
+                                                      "text_persistent_area", "text_persistent_box")}
 DEFAULT_FILENAME = "catalog.duckdb"
 
 REGISTERED_AT_DOC = "when this row was copied into the catalog"
@@ -84,6 +86,9 @@ class ThresholdRule:
     doc: str
     temporal: bool = False  # meaningless for a still image: not applied to is_image clips
     model: bool = False  # a neural model's score: not applied to clips scored by stand-ins (runs.standin_models)
+    # NULL passes: the score comes from an optional stage (a run without it keeps its clips; clips prefiltered before
+    # it have reject_reasons anyway)
+    null_passes: bool = False
 
     def __post_init__(self) -> None:
         assert self.op in (">=", "<="), f"op must be '>=' or '<=', got {self.op!r}"
@@ -112,6 +117,18 @@ THRESHOLD_RULES: tuple[ThresholdRule, ...] = (
         "highest clips.overlay_score kept (static logos, channel bugs, burnt-in text); not applied to images, "
         "which have no content change to tell an overlay from the scene",
         temporal=True,
+    ),
+    ThresholdRule(
+        "text_area_max", "text_area_max", "<=", 0.02,
+        "highest clips.text_area_max kept: share of a frame covered by detected text (subtitles ~0.03-0.06 per line, "
+        "title cards more); the real PP-OCRv4 detector, stand-in runs included; NULL (no OCR stage) passes",
+        null_passes=True,
+    ),
+    ThresholdRule(
+        "text_persistent_max", "text_persistent_area", "<=", 0.003,
+        "highest clips.text_persistent_area kept: text that stays in place across the clip (watermark, timestamp, "
+        "channel name; a small corner mark covers ~0.005-0.01); NULL (no OCR stage) passes",
+        null_passes=True,
     ),
     ThresholdRule(
         "watermark_max", "watermark_prob", "<=", 0.8,
@@ -156,7 +173,8 @@ def _rule_passes_sql(rule: ThresholdRule, t: str = "t", c: str = "c") -> str:
     fails every finite limit (clips prefiltered at curation time have no model scores and must not pass on them)
     and passes a threshold that is off or does not apply.
     """
-    return f"coalesce({c}.{rule.column}::DOUBLE, {_sentinel(rule)}) {rule.op} {t}.{rule.name}"
+    missing = ("'inf'::DOUBLE" if rule.op == ">=" else "'-inf'::DOUBLE") if rule.null_passes else _sentinel(rule)
+    return f"coalesce({c}.{rule.column}::DOUBLE, {missing}) {rule.op} {t}.{rule.name}"
 
 
 def _applicable(rule: ThresholdRule, *, image: bool, standin: bool) -> bool:

@@ -57,6 +57,15 @@ CLIPS = pa.schema([
     _f("motion_max", pa.float32(), "largest per-pair mean flow speed (same units as motion_mean)"),
     _f("overlay_score", pa.float32(), "static overlay evidence in [0,1]: edges that persist while the content changes (logos, channel bugs)"),
     _f("overlay_box", pa.list_(pa.float32()), "[x0, y0, x1, y1] of the static overlay, as fractions of width/height; null when none"),
+    _f("text_area_max", pa.float32(), "largest share of one frame covered by detected text boxes (PP-OCRv4 "
+       "detection, ~1 fps frames, no recognition): subtitles, captions, title cards, marks; ~0 on clean footage"),
+    _f("text_area_mean", pa.float32(), "mean share of the frame covered by text boxes over the sampled frames"),
+    _f("text_boxes", pa.int32(), "most text boxes (lines or words) detected in one sampled frame"),
+    _f("text_persistent_area", pa.float32(), "share of the frame covered by text that stays in place with the same "
+       "glyphs across the clip (watermark, timestamp OSD, channel name; also a subtitle line held for the whole "
+       "clip and scene text on a locked-off camera); 0 when text only comes and goes"),
+    _f("text_persistent_box", pa.list_(pa.float32()), "[x0, y0, x1, y1] fractions: bounding box of the persistent "
+       "text; null when no text persists"),
     _f("watermark_prob", pa.float32(), "watermark classifier probability (mean over sampled frames)"),
     _f("watermark_max", pa.float32(), "largest per-frame watermark probability"),
     _f("aesthetic_mean", pa.float32(), "LAION aesthetic score (about 1-10), mean over ~1 fps frames"),

@@ -34,6 +34,10 @@ class PrefilterConfig:
     motion_min: float | None = 0.5
     motion_max: float | None = None
     overlay_max: float | None = 0.5
+    # OCR stage (PP-OCRv4 text detection): share of the frame covered by text in any sampled frame (subtitles,
+    # captions, title cards), and share covered by text that stays in place across the clip (watermark, OSD)
+    text_area_max: float | None = 0.02
+    text_persistent_max: float | None = 0.003
     watermark_max: float | None = 0.8
     aesthetic_min: float | None = 4.0
     caption_similarity_min: float | None = None
@@ -70,7 +74,7 @@ class RunConfig:
 
     input: str = ""              # empty: generate the built-in sample into <output>/sample_input
     output: str = "out/curate"
-    stages: tuple[str, ...] = ("watermark", "aesthetic", "caption", "caption_qa")
+    stages: tuple[str, ...] = ("ocr", "watermark", "aesthetic", "caption", "caption_qa")
     extensions: tuple[str, ...] = (
         ".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".m4a", ".jpg", ".jpeg", ".png", ".webp",
     )

@@ -225,6 +225,34 @@ class CaptionQAStage(ModelStage):
                 rec["reject_reasons"].append("caption_mismatch")
 
 
+class OCRStage(ModelStage):
+    """Burned-in text (PP-OCRv4 detection, the weights inside the rapidocr-onnxruntime wheel): never a stand-in."""
+
+    name = "ocr"
+    outputs = ("text_area_max", "text_area_mean", "text_boxes", "text_persistent_area", "text_persistent_box")
+
+    def __init__(self, sources: ModelSources) -> None:
+        super().__init__(sources)
+        from pipeline.models.ocr import TextDetector
+
+        self.model = TextDetector(device=self.device)
+        self.model_id = self.model.model_id
+
+    def score(self, recs, frames, times) -> None:
+        pre = self.sources.prefilter
+        for rec, f, t in zip(recs, frames, times):
+            st = self.model.text_regions(f[_every(t, self.sources.model_fps)])
+            rec["text_area_max"] = st.area_max
+            rec["text_area_mean"] = st.area_mean
+            rec["text_boxes"] = st.boxes
+            rec["text_persistent_area"] = st.persistent_area
+            rec["text_persistent_box"] = None if st.persistent_box is None else list(st.persistent_box)
+            if pre.text_area_max is not None and st.area_max > pre.text_area_max:
+                rec["reject_reasons"].append("text")
+            if pre.text_persistent_max is not None and st.persistent_area > pre.text_persistent_max:
+                rec["reject_reasons"].append("persistent_text")
+
+
 STAGES: dict[str, type[ModelStage]] = {}
 
 
@@ -235,7 +263,7 @@ def register(cls: type[ModelStage]) -> type[ModelStage]:
     return cls
 
 
-for _cls in (WatermarkStage, AestheticStage, CaptionStage, CaptionQAStage):
+for _cls in (OCRStage, WatermarkStage, AestheticStage, CaptionStage, CaptionQAStage):
     register(_cls)
 
 # Columns written by the CPU stage (pipeline.analyze), for the schema check.

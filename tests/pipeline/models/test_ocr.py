@@ -1,0 +1,170 @@
+"""OCR stage: the real PP-OCRv4 detection weights bundled in rapidocr-onnxruntime find text drawn on real footage,
+box it, tell text that stays in place (timestamp, channel name) from text that changes (subtitles), and find
+nothing on clean footage."""
+from __future__ import annotations
+
+import json
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.models.ocr import NO_TEXT, TextDetector, text_stats
+from pipeline.settings import PrefilterConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/pipeline: devset.py, the real-footage builder
+import devset  # noqa: E402
+
+pytest.importorskip("rapidocr_onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def detector() -> TextDetector:
+    return TextDetector(threads=1)
+
+
+@lru_cache(maxsize=8)
+def font(size: int) -> ImageFont.ImageFont:
+    for path in ("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
+                 "/usr/share/fonts/truetype/liberation/LiberationSans-Bold.ttf"):
+        if Path(path).is_file():
+            return ImageFont.truetype(path, size)
+    return ImageFont.load_default(size=size)  # Pillow's bundled FreeType font
+
+
+def draw(frames: np.ndarray, texts: list[str], xy: tuple[int, int], size: int,
+         fill=(255, 255, 255)) -> tuple[np.ndarray, list[tuple[float, float, float, float]]]:
+    """Draw ``texts[i]`` on frame i at ``xy`` (a dark outline, as subtitles have); returns frames and the text boxes
+    as fractions of the frame."""
+    out, boxes = [], []
+    h, w = frames.shape[1:3]
+    for f, text in zip(frames, texts):
+        im = Image.fromarray(f)
+        d = ImageDraw.Draw(im)
+        d.text(xy, text, font=font(size), fill=fill, stroke_width=1, stroke_fill=(0, 0, 0))
+        x0, y0, x1, y1 = d.textbbox(xy, text, font=font(size), stroke_width=1)
+        out.append(np.asarray(im))
+        boxes.append((x0 / w, y0 / h, x1 / w, y1 / h))
+    return np.stack(out), boxes
+
+
+def iou(a, b) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def one_fps(media: Path, name: str, start: int = 0, n: int = 8) -> np.ndarray:
+    """~1 fps frames of a real clip at the dev-set size (320x180), as the OCR stage receives them."""
+    return devset.source(media, name, start, 30 * n)[::30]
+
+
+SUBTITLES = ["Where are you going?", "I don't know yet.", "Maybe home, maybe not.", "Then I'll come with you.",
+             "It's a long way.", "We have time.", "Do we?", "We always did."]
+
+
+@pytest.mark.media
+def test_changing_subtitles_on_real_footage_are_found_boxed_and_not_persistent(media_dir, detector) -> None:
+    clean = one_fps(media_dir, "car-detection.mp4")
+    frames, truth = draw(clean, SUBTITLES, (40, 150), 14, fill=(255, 255, 0))
+    per_frame = detector.boxes(frames)
+    for t, (found, want) in enumerate(zip(per_frame, truth)):
+        assert len(found) >= 1 and max(iou(b, want) for b in found) >= 0.5, (t, found, want)
+    st = detector.text_regions(frames)
+    assert st.area_max > PrefilterConfig().text_area_max, st
+    assert st.boxes >= 1 and st.frames == len(frames)
+    # Consecutive lines share the bottom line's place but not its glyphs: nothing persists.
+    assert st.persistent_area == 0.0 and st.persistent_box is None, st
+
+
+@pytest.mark.media
+def test_timestamp_osd_persists_in_place_and_is_boxed(media_dir, detector) -> None:
+    clean = one_fps(media_dir, "stream-of-water.webm", n=3)
+    clean = np.concatenate([clean, one_fps(media_dir, "flower.webm", n=5)])   # a cut halfway: the OSD stays
+    stamps = [f"CAM 2  2026-12-01  14:03:{s:02d}" for s in range(17, 25)]     # the seconds tick
+    frames, truth = draw(clean, stamps, (8, 6), 11)
+    st = detector.text_regions(frames)
+    assert st.persistent_area > PrefilterConfig().text_persistent_max, st
+    assert st.persistent_box is not None and iou(st.persistent_box, truth[0]) >= 0.5, (st, truth[0])
+
+
+@pytest.mark.media
+@pytest.mark.parametrize("name", ["car-detection.mp4", "flower.webm", "stream-of-water.webm",
+                                  "bbb_480p_vp9_opus_1second.webm", "friday.mp4"])
+def test_clean_real_footage_has_about_no_text(media_dir, detector, name: str) -> None:
+    n = 1 if name.startswith("bbb") else 5  # the Big Buck Bunny file lasts one second
+    frames = devset.source(media_dir, name, 0, 30 * n)[::6]
+    st = detector.text_regions(frames)
+    assert st.area_max < 0.005 and st.persistent_area == 0.0, st
+
+
+def test_built_in_sample_has_no_text(sample_dir, sample_truth, detector) -> None:
+    """No clip of the built-in sample is taken for text, synthetic textures included, so the sample run drops nothing
+    for text. (logo.mp4's framed 'LOGO' is 9 px high at the analysis size, under the detector's reach; the static
+    overlay scorer is what finds it.)"""
+    from pipeline import media
+
+    for item in sample_truth.items:
+        info = media.probe(sample_dir / item.file)
+        frames = np.stack([f for _, f in media.open_frames(sample_dir / item.file, info, max_side=384)])
+        st = detector.text_regions(frames[::max(1, round(info.fps or 1))])   # ~1 fps
+        assert st.area_max == 0.0 and st.persistent_box is None, (item.file, st)
+
+
+@pytest.mark.slow
+def test_ocr_stage_runs_in_the_sample_curation(sample_curation) -> None:
+    """The default stages run OCR with the real weights in the built-in sample run: every clip that reached the
+    model stages has its text columns and the detector's id."""
+    from catalog.db import open_catalog
+
+    con = open_catalog(sample_curation / "catalog.duckdb", read_only=True)
+    rows = con.execute("SELECT clip_id, text_area_max, text_persistent_area, models['ocr'], reject_reasons "
+                       "FROM clips WHERE models['watermark'] IS NOT NULL").fetchall()
+    kept = con.execute("SELECT count(*) FROM kept_clips").fetchone()[0]
+    con.close()
+    assert rows, "no clip reached the model stages"
+    for clip_id, area, persistent, model, reasons in rows:
+        assert area == 0.0 and persistent == 0.0, (clip_id, area, persistent)
+        assert model.startswith("PP-OCRv4-det"), model
+        assert not {"text", "persistent_text"} & set(reasons), reasons
+    assert kept > 0
+
+
+def test_persistence_needs_the_same_place_in_most_frames() -> None:
+    corner = np.array([[0.02, 0.02, 0.2, 0.08]])
+    lines = [np.array([[0.1 + 0.3 * (t % 3), 0.85, 0.4 + 0.3 * (t % 3), 0.92]]) for t in range(8)]
+    held = text_stats([corner] * 8, 16 / 9)
+    assert held.persistent_box == pytest.approx(tuple(corner[0]))
+    assert held.persistent_area == pytest.approx(held.area_max, rel=0.05)
+    assert held.area_max == pytest.approx(0.18 * 0.06, rel=0.15)
+    assert text_stats(lines, 16 / 9).persistent_area == 0.0          # the place keeps moving
+    flicker = [corner if t < 3 else np.zeros((0, 4)) for t in range(8)]
+    assert text_stats(flicker, 16 / 9).persistent_area == 0.0         # there for 3 of 8 frames only
+    assert text_stats([corner], 16 / 9).persistent_area == 0.0        # one frame says nothing about persistence
+    assert text_stats([], 16 / 9) == NO_TEXT
+
+
+@pytest.mark.media
+def test_ocr_stage_records_columns_and_reasons(media_dir) -> None:
+    """The Ray stage class as Ray Data calls it (one batch, no cluster): columns, model id, reject reasons."""
+    from pipeline.stages import ModelSources, OCRStage, pack_frames
+
+    clean = one_fps(media_dir, "flower.webm", n=4)
+    subtitled, _ = draw(clean, SUBTITLES, (40, 150), 14)
+    batch = {"kind": np.array(["clip", "clip", "video"], object), "frames": np.array([], object)}
+    recs = [{"clip_id": "a", "reject_reasons": []}, {"clip_id": "b", "reject_reasons": []}, {"video_id": "v"}]
+    batch["record"] = np.array([json.dumps(r) for r in recs], object)
+    times = np.arange(4, dtype=np.float32)
+    batch["frames"] = np.array([pack_frames(clean, times), pack_frames(subtitled, times), b""], object)
+    stage = OCRStage(ModelSources(watermark="", clip_model="", clip_pretrained="", aesthetic_mlp="", caption=None,
+                                  device="cpu", prefilter=PrefilterConfig()))
+    out = [json.loads(r) for r in stage(batch)["record"]]
+    assert out[0]["reject_reasons"] == [] and out[0]["text_area_max"] < 0.005, out[0]
+    assert "text" in out[1]["reject_reasons"] and out[1]["text_boxes"] >= 1, out[1]
+    assert out[0]["models"]["ocr"].startswith("PP-OCRv4-det") and out[0]["stage_versions"]["ocr"]
+    assert "text_area_max" not in out[2]
