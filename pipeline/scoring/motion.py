@@ -1,4 +1,8 @@
-"""Camera/subject motion: dense optical flow (Farneback) between frames sampled at about 2 fps.
+"""Camera/subject motion: dense optical flow (Farneback) between frames sampled at about 2 fps, and pixel change.
+
+Flow speed says how much moves; ``change`` says whether anything changes at all. Only the second tells frozen
+footage (what the prefilter drops as "static") from a calm talking head or a tripod shot, which flow puts at
+0.3-1 px/s like a still.
 
 Speeds are pixels per second measured on a frame whose longer side is ``REF_SIDE`` (256) px, so the
 number means the same for every input size: 20 px/s is a slow pan crossing the frame in ~13 s.
@@ -19,6 +23,11 @@ import numpy as np
 from pipeline.scoring._frames import check_frames, gray_at, working_size
 
 REF_SIDE = 256
+# "Static" means frozen: no pixel change beyond codec noise, measured at the analysis size (no downscale averages
+# the change away). On real footage after H.264 (tests/pipeline/devset.py), frames ~0.5 s apart: held stills change
+# <= 0.04 % of their pixels by more than 6 levels; calm tripod shots (an empty room, a parking lot, a near-still
+# bottle), a webcam and a timelapse 1.4-31 % (median over pairs).
+CHANGE_LEVEL = 6
 WORK_SIDE = 160
 _FARNEBACK = dict(pyr_scale=0.5, levels=3, winsize=13, iterations=2, poly_n=5, poly_sigma=1.1)
 # Shifts below this (working px) are left to Farneback alone, which tracks them exactly; a sub-pixel
@@ -36,6 +45,9 @@ class Motion:
     """Mean over frame pairs of the mean flow speed (px/s at 256 px longer side); ~0 for a static shot."""
     max: float
     """Largest per-pair mean flow speed (same units): catches a whip pan or a jump inside the clip."""
+    change: float
+    """Median over frame pairs of the share of pixels whose luma changed by more than ``CHANGE_LEVEL``: ~0 only
+    for frozen footage (a still or slideshow dressed as video), however calm the scene."""
 
 
 def _explains(prev: np.ndarray, cur: np.ndarray, dx: float, dy: float) -> bool:
@@ -70,7 +82,10 @@ def motion(frames: np.ndarray, times_s: np.ndarray) -> Motion:
     if not np.all(np.isfinite(times_s)) or np.any(dts <= 0):
         raise ValueError(f"motion: expected finite, strictly increasing times, got {times_s.tolist()}")
     if len(frames) == 1:
-        return Motion(mean=0.0, max=0.0)
+        return Motion(mean=0.0, max=0.0, change=0.0)
+    lumas = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
+    change = float(np.median([cv2.countNonZero(cv2.threshold(cv2.absdiff(a, b), CHANGE_LEVEL, 1, cv2.THRESH_BINARY)[1])
+                              / a.size for a, b in zip(lumas, lumas[1:])]))
 
     h, w = frames.shape[1:3]
     size = working_size(h, w, min(WORK_SIDE, max(h, w)))
@@ -100,4 +115,4 @@ def motion(frames: np.ndarray, times_s: np.ndarray) -> Motion:
         speed = float(np.mean(np.sqrt(flow[..., 0] ** 2 + flow[..., 1] ** 2)))  # working px per pair
         speeds.append(speed * to_ref / dt)
         prev = cur
-    return Motion(mean=float(np.mean(speeds)), max=float(np.max(speeds)))
+    return Motion(mean=float(np.mean(speeds)), max=float(np.max(speeds)), change=change)

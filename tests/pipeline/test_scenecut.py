@@ -87,7 +87,7 @@ def test_detector_streams_with_frame_numbers_and_names_itself(four_scenes) -> No
     for i, f in enumerate(frames):
         det.push(i, f)
     assert_cuts_match(det.finish(), truth)
-    assert det.name == "adaptive(t=3.0,min=15.0,len=0.6s,luma=False,w=96)"
+    assert det.name == "adaptive(t=3.0,min=15.0,len=0.0s,luma=auto:False,w=96)+fades(black<12.0)"
     with pytest.raises(RuntimeError, match="after finish"):
         det.push(len(frames), frames[0])
 

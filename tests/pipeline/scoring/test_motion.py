@@ -68,7 +68,7 @@ def test_max_catches_a_burst_of_motion() -> None:
 
 def test_one_frame_is_zero_and_bad_input_raises() -> None:
     frame = panning(5, n=1)
-    assert motion(frame, np.array([0.0])) == Motion(mean=0.0, max=0.0)
+    assert motion(frame, np.array([0.0])) == Motion(mean=0.0, max=0.0, change=0.0)
     with pytest.raises(ValueError, match="strictly increasing"):
         motion(panning(5, n=2), np.array([0.5, 0.5]))
     with pytest.raises(ValueError, match="one time per frame"):
