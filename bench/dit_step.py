@@ -18,6 +18,11 @@ dense bf16 peak of the GPU (H100/H200 989 TFLOP/s, A100 312).
 
 Lines: one per model, then ``ratio_vs_diffusers=X`` (our tokens/s over diffusers', target >= 1.0),
 on CUDA ``mfu=...``, and with ``--loader`` the loader half's ``loader_ratio=Y``.
+
+``--latte`` adds Latte's four factorised variants (trainer/models/latte.py) at the DiT's depth and
+width on the same latents: one line each with tokens/s (the DiT's tokens per sample, so the numbers
+compare samples/s) and ``vs_full=X``, their speed over full attention (CogVideoX's Table 8 reports
+2D+1D ~1.7x faster per step at 480x720, 49 frames).
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ sys.path.insert(0, str(REPO))
 
 from trainer.export import transformer_config  # noqa: E402
 from trainer.models.dit import DiT, dit_config, flops_per_token  # noqa: E402
+from trainer.models.latte import LATTE_VARIANTS, Latte, latte_flops, latte_from_dit  # noqa: E402
 
 # Dense bf16 peaks (torchtitan tools/utils.py get_peak_flops; 2:4 sparsity not counted).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12}
@@ -94,6 +100,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing per block (both models)")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads")
+    ap.add_argument("--latte", action="store_true", help="also time Latte's four variants at the DiT's sizes")
     ap.add_argument("--loader", action="store_true", help="also run the loader half (bench/dit_loader.py)")
     ap.add_argument("--loader-workers", type=int, default=2)
     args = ap.parse_args()
@@ -137,6 +144,24 @@ def main() -> None:
         y.float().square().mean().backward()
 
     steps = {"ours": step_ours, "diffusers": step_ref}
+    lattes = {}
+    if args.latte:
+        for variant in LATTE_VARIANTS:
+            torch.manual_seed(0)
+            m = Latte(latte_from_dit(cfg, variant))
+            with torch.no_grad():
+                for prm in m.parameters():
+                    prm.normal_(0.0, 0.02)
+            lattes[f"latte_{variant}"] = m.to(device).train()
+
+        def latte_step(m):
+            def step():
+                with autocast:
+                    y = m(latents, text, t)
+                y.float().square().mean().backward()
+            return step
+
+        steps |= {name: latte_step(m) for name, m in lattes.items()}
     for fn in steps.values():
         for _ in range(args.warmup):
             fn()
@@ -161,6 +186,10 @@ def main() -> None:
         print(f"{name}: {rate[name]:,.0f} tokens/s, {b * args.steps / best[name]:.3f} samples/s, "
               f"{best[name] / args.steps * 1e3:.1f} ms/step{mem}")
     print(f"ratio_vs_diffusers={rate['ours'] / rate['diffusers']:.3f}")
+    for name, m in lattes.items():
+        fl = latte_flops(m.cfg, frames, h // p, w // p, cfg.max_text_len)
+        print(f"{name}_vs_full={rate[name] / rate['ours']:.3f} (flops/sample {fl / 1e9:,.1f} GFLOP against "
+              f"{flops_per_token(cfg, seq) * seq / 1e9:,.1f} for full attention)")
     if device.type == "cuda":
         peak = peak_flops(torch.cuda.get_device_name())
         fpt = flops_per_token(cfg, seq)

@@ -160,6 +160,17 @@ def stratified_timesteps(
     return t[rank * local_batch : (rank + 1) * local_batch]
 
 
+def motion_free_draw(*, step: int, seed: int, rank: int, batch: int, p: float) -> torch.Tensor:
+    """GenTron's per-sample motion-free switch for one step on one rank, (batch,) bool, each True with
+    probability p; a pure function of (seed, step, rank), so a resumed run draws the same."""
+    if not 0.0 <= p <= 1.0:
+        raise ValueError(f"motion_free_draw: expected 0 <= p <= 1, got {p}")
+    # a stream of its own: SeedSequence over (seed, step, rank, tag), apart from the timesteps' (seed, step)
+    state = np.random.SeedSequence([seed, step, rank, 0x4D46]).generate_state(2, dtype=np.uint32)
+    g = torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+    return torch.rand(batch, generator=g, dtype=torch.float64) < p
+
+
 # ---------------------------------------------------------------------------------------------
 # DDIM sampling (eta = 0, v-prediction), as diffusers' CogVideoXDDIMScheduler steps it
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +411,7 @@ __all__ = [
     "guidance_weights",
     "guided_sample",
     "motion_free_combine",
+    "motion_free_draw",
     "q_sample",
     "stratified_timesteps",
     "timestep_bins",

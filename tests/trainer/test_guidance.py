@@ -152,3 +152,14 @@ def test_bad_guidance_settings_are_refused():
         D.GuidanceConfig(schedule="cosine")
     with pytest.raises(ValueError, match="dynamic_threshold"):
         D.GuidanceConfig(dynamic_threshold=1.5)
+
+
+def test_motion_free_draw_is_seeded_per_step_and_rank_with_probability_p():
+    a = D.motion_free_draw(step=5, seed=0, rank=1, batch=4000, p=0.3)
+    assert a.dtype == torch.bool and a.shape == (4000,)
+    assert torch.equal(a, D.motion_free_draw(step=5, seed=0, rank=1, batch=4000, p=0.3))
+    assert not torch.equal(a, D.motion_free_draw(step=5, seed=0, rank=0, batch=4000, p=0.3))
+    assert not torch.equal(a, D.motion_free_draw(step=6, seed=0, rank=1, batch=4000, p=0.3))
+    assert abs(a.double().mean().item() - 0.3) < 0.03
+    assert D.motion_free_draw(step=1, seed=0, rank=0, batch=8, p=1.0).all()
+    assert not D.motion_free_draw(step=1, seed=0, rank=0, batch=8, p=0.0).any()

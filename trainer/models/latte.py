@@ -429,9 +429,48 @@ class Latte(nn.Module):
         return x.reshape(b, t, cfg.out_channels, h, w)
 
 
+def latte_from_dit(cfg: Any, variant: str, **overrides: Any) -> LatteConfig:
+    """A Latte variant with a DiTConfig's sizes (blocks, width, heads, patch, channels, text and
+    conditioning widths, options), so the two attentions are compared at equal depth and width."""
+    fields = dict(variant=variant, depth=cfg.num_layers, dim=cfg.dim, num_heads=cfg.num_heads,
+                  patch_size=cfg.patch_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+                  text_dim=cfg.text_dim, max_text_len=cfg.max_text_len, time_embed_dim=cfg.time_embed_dim,
+                  fps_conditioning=cfg.fps_conditioning, checkpointing=cfg.checkpointing)
+    if cfg.patch_size_t is not None:
+        raise ValueError(f"latte_from_dit: Latte patches frames one by one, got patch_size_t={cfg.patch_size_t}")
+    return LatteConfig(**(fields | overrides))
+
+
 # ---------------------------------------------------------------------------------------------
 # Counts
 # ---------------------------------------------------------------------------------------------
+
+
+def latte_flops(cfg: LatteConfig, frames: int, rows: int, cols: int, n_text: int, image_frames: int = 0) -> float:
+    """Training (forward + backward) flops of one sample: 6 x matmul parameters x the tokens each meets,
+    plus 12 D S^2 per attention over a sequence of S (QK^T and AV, 2 flops per multiply-add, x3 for the
+    backward), summed over the per-frame spatial and per-position temporal sequences. The per-sample
+    adaLN and timestep MLP are left out, as in trainer.models.dit.flops_per_token."""
+    d, n, fv = cfg.dim, rows * cols, frames - image_frames
+    s_tok = frames * (n_text + n)  # tokens of the spatial sequences (each frame has its text copy)
+    t_tok = fv * n  # tokens of the temporal sequences
+    attn_w, ff_w = 4 * d * d, 2 * cfg.mlp_ratio * d * d
+    spatial_attn = 6 * attn_w * s_tok + 12 * d * frames * (n_text + n) ** 2
+    temporal_attn = 6 * attn_w * t_tok + 12 * d * n * fv**2
+    total = 0.0
+    for kind in block_kinds(cfg):
+        if kind is SpatialBlock:
+            total += spatial_attn + 6 * ff_w * s_tok
+        elif kind is TemporalBlock:
+            total += temporal_attn + 6 * ff_w * t_tok
+        elif kind is FactorisedAttentionBlock:
+            total += spatial_attn + temporal_attn + 6 * ff_w * s_tok
+        else:  # split heads: one set of projections, half the heads on each attention
+            total += 6 * attn_w * s_tok + 6 * d * frames * (n_text + n) ** 2 + 6 * d * n * fv**2 + 6 * ff_w * s_tok
+    p2c = cfg.patch_size**2
+    embed = 6 * (cfg.in_channels * p2c * d + d * p2c * cfg.out_channels) * frames * n + 6 * cfg.text_dim * d * n_text
+    return float(total + embed)
+
 
 
 @functools.lru_cache(maxsize=32)
@@ -453,6 +492,8 @@ __all__ = [
     "TemporalBlock",
     "block_kinds",
     "latte_config",
+    "latte_flops",
+    "latte_from_dit",
     "latte_param_count",
     "spatial_table",
     "temporal_attention",

@@ -213,3 +213,24 @@ def test_bad_settings_are_refused():
         model(latents, text, t, fps=torch.ones(2))
     with pytest.raises(KeyError, match="preset"):
         latte_config("latte_xxl")
+
+
+def test_latte_from_dit_takes_the_dits_sizes_and_factorised_attention_costs_less():
+    from trainer.models.dit import dit_config, flops_per_token
+    from trainer.models.latte import latte_flops, latte_from_dit
+
+    dit = dit_config("2b")
+    cfg = latte_from_dit(dit, "interleaved")
+    assert latte_from_dit(dit, "late_fusion").variant == "late_fusion"
+    assert (cfg.depth, cfg.dim, cfg.num_heads, cfg.text_dim, cfg.time_embed_dim) == (30, 1920, 30, 4096, 512)
+    # 49 frames at 480x720: 13 x 30 x 45 patches. Full attention over 17,776 tokens against per-frame
+    # and per-position sequences: the factorised variants need far fewer attention flops.
+    seq = 226 + 13 * 30 * 45
+    full = flops_per_token(dit, seq) * seq
+    assert full == pytest.approx(0.36e15, rel=0.01)  # anchors/dit.md section 7: ~0.36 PFLOP per sample
+    flops = {v: latte_flops(latte_from_dit(dit, v), 13, 30, 45, 226) for v in LATTE_VARIANTS}
+    assert flops["interleaved"] == flops["late_fusion"] < full / 2
+    # V3 adds a temporal attention to every full block; V4 splits one attention's heads
+    assert flops["interleaved"] < flops["factorised_heads"] < flops["factorised_attention"] < full
+    with pytest.raises(ValueError, match="patch_size_t"):
+        latte_from_dit(dit_config("tiny", patch_size_t=2), "interleaved")
