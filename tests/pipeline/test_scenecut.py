@@ -199,3 +199,62 @@ def test_real_footage_joined_cuts_found(detector: str) -> None:
     frames, truth = join(*parts)
     assert_cuts_match(detect_cuts(frames, 30.0, SceneCutConfig(detector=detector)), truth)
     assert detect_cuts(_decode(MEDIA / "friday.mp4", 180, size), 30.0, SceneCutConfig(detector=detector, luma_only=True)) == []
+
+
+def faded(scene: list[np.ndarray], fade_in: int = 0, fade_out: int = 0) -> list[np.ndarray]:
+    n = len(scene)
+    out = []
+    for i, f in enumerate(scene):
+        a = min(1.0, (i + 1) / (fade_in + 1) if fade_in else 1.0, (n - i) / (fade_out + 1) if fade_out else 1.0)
+        out.append((f * a).round().astype(np.uint8))
+    return out
+
+
+def test_fade_through_black_is_one_boundary_cut_out_of_the_clips() -> None:
+    black = [np.zeros_like(panning_scene(1, 1)[0])] * 6
+    a, b = faded(panning_scene(1, 60), fade_out=12), faded(panning_scene(2, 60), fade_in=12)
+    frames = a + black + b
+    cfg = SceneCutConfig()
+    det = CutDetector(cfg, FPS)
+    for i, f in enumerate(frames):
+        det.push(i, f)
+    cuts = det.finish()
+    assert cuts == [63], cuts  # the middle of the six black frames 60..65
+    (t,) = det.transitions
+    assert 45 <= t.start <= 49 and t.black_start <= 60 and t.black_end >= 66 and 76 <= t.end <= 80, t
+    # The scene before ends where the fade-out starts, the next starts where the fade-in has settled.
+    assert det.boundaries_so_far == [(t.start, t.end)]
+
+
+def test_black_at_start_and_end_is_no_cut() -> None:
+    black = [np.zeros_like(panning_scene(1, 1)[0])] * 10
+    frames = black + faded(panning_scene(1, 60), fade_in=8, fade_out=8) + black
+    det = CutDetector(SceneCutConfig(), FPS)
+    for i, f in enumerate(frames):
+        det.push(i, f)
+    assert det.finish() == []
+    first, last = det.transitions
+    assert first.start == 0 and 17 <= first.end <= 20, first
+    assert 60 <= last.start <= 63 and last.end == len(frames), last
+    assert not det.all_black
+
+
+def test_grayscale_footage_switches_to_luma_only_and_is_reported() -> None:
+    gray = lambda s: [np.repeat(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY)[..., None], 3, axis=2) for f in s]  # noqa: E731
+    frames, truth = join(gray(panning_scene(1, 50)), gray(panning_scene(2, 40)))
+    det = CutDetector(SceneCutConfig(), FPS)
+    for i, f in enumerate(frames):
+        det.push(i, f)
+    assert_cuts_match(det.finish(), truth)
+    assert det.is_grayscale and det.luma_only and "luma=auto:True" in det.name
+    colour = CutDetector(SceneCutConfig(), FPS)
+    for i, f in enumerate(panning_scene(3, 30)):
+        colour.push(i, f)
+    colour.finish()
+    assert not colour.is_grayscale and colour.luma_only is False
+
+
+def test_every_cut_of_fast_cut_footage_is_recorded() -> None:
+    # 0.3 s shots: the default records each cut; the 2 s clip minimum, not the detector, drops such shots.
+    frames, truth = join(*[panning_scene(k, 7) for k in range(1, 8)], panning_scene(9, 40))
+    assert_cuts_match(detect_cuts(frames, FPS, SceneCutConfig()), truth)

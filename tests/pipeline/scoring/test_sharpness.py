@@ -79,3 +79,25 @@ def test_real_footage_blurred_copy_scores_lower(media_dir) -> None:
     frames, _ = decode_media("stream-of-water.webm", every=15)
     a, b = sharpness(frames).median, sharpness(blur(frames, 2.0)).median
     assert b < 0.5 * a, (a, b)
+
+
+def test_a_sharp_subject_on_a_soft_background_counts_as_sharp() -> None:
+    # Shallow depth of field: a sharp quarter of the frame, the rest 3 px out of focus. It must score like the
+    # wholly sharp picture, far above the wholly soft one and above even a mild 1.5 px defocus of all of it.
+    frame = texture(5, 216, 384)
+    soft = cv2.GaussianBlur(frame, (0, 0), 3.0)
+    dof = soft.copy()
+    dof[54:162, 96:288] = frame[54:162, 96:288]
+    sharp, subject, blurred, mild = (sharpness(f[None]).median
+                                     for f in (frame, dof, soft, cv2.GaussianBlur(frame, (0, 0), 1.5)))
+    assert subject > 0.9 * sharp, (subject, sharp)
+    assert subject > 3 * blurred and subject > 1.3 * mild, (subject, blurred, mild)
+
+
+def test_low_percentile_catches_a_motion_blurred_stretch() -> None:
+    frames = panning(6, n=20)
+    k = np.zeros((9, 9), np.float32)
+    k[4, :] = 1 / 9  # a horizontal camera shake smear
+    frames[8:11] = np.stack([cv2.filter2D(f, -1, k) for f in frames[8:11]])
+    s = sharpness(frames)
+    assert s.low < 0.7 * s.median, (s.low, s.median)
