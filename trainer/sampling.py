@@ -25,8 +25,9 @@ from catalog.config import from_dict
 from trainer.checkpoint import write_video
 from trainer.config import ModelConfig
 from trainer.data import to_uint8
-from trainer.diffusion import ScheduleConfig, alphas_cumprod, ddim_sample
+from trainer.diffusion import GuidanceConfig, ScheduleConfig, alphas_cumprod, guided_sample
 from trainer.models.dit import DiT, DiTConfig
+from trainer.models.latte import Latte, latte_from_dit
 from trainer.models.vae import CausalVAE, latent_frames
 from trainer.runtime import autocast_for, load_init
 from trainer.text import TextConfig, TextEncoder
@@ -50,7 +51,26 @@ class SampleConfig:
     seed: int = 0
     """Noise seed; prompt i draws from (seed, i), so every sample is reproducible on its own."""
     fps: int = 8
-    """Frame rate written into the mp4."""
+    """Frame rate written into the mp4, and the frame rate a model with fps_conditioning is asked for."""
+    guidance: str = "constant"
+    """The guidance weight schedule (trainer.diffusion.GuidanceConfig): "constant" (guidance_scale),
+    "dynamic_cosine" (CogVideoX's ramp 1 -> 1 + guidance_scale) or "oscillating" (Imagen Video)."""
+    oscillating_high: float = 15.0
+    oscillating_low: float = 1.0
+    oscillating_high_steps: int = 1
+    """Steps at oscillating_high before high and low alternate."""
+    dynamic_threshold: float = 0.0
+    """Percentile of Imagen's dynamic thresholding of x0 (e.g. 0.95); 0 = off."""
+    threshold_floor: float = 1.0
+    """Its data range [-floor, floor]; about 2 for unit-variance latents (see GuidanceConfig)."""
+    motion_guidance: float = 0.0
+    """GenTron's lambda_M (1.0 .. 1.3) for a model trained with p_motion_free > 0; 0 = plain CFG."""
+
+    def guidance_config(self) -> GuidanceConfig:
+        return GuidanceConfig(schedule=self.guidance, scale=self.guidance_scale, high=self.oscillating_high,
+                              low=self.oscillating_low, high_steps=self.oscillating_high_steps,
+                              dynamic_threshold=self.dynamic_threshold or None, threshold_floor=self.threshold_floor,
+                              motion_scale=self.motion_guidance or None)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -62,6 +82,9 @@ class SampleConfig:
                 raise ValueError(f"SampleConfig.{name}: expected 0 or a multiple of 16, got {getattr(self, name)}")
         if self.fps < 1:
             raise ValueError(f"SampleConfig.fps: expected >= 1, got {self.fps}")
+        if self.motion_guidance < 0:
+            raise ValueError(f"SampleConfig.motion_guidance: expected 0 (off) or > 0, got {self.motion_guidance}")
+        self.guidance_config()  # the guidance fields' own checks
 
 
 def load_vae(checkpoint: str | Path, weights: str = "ema", device: torch.device | str = "cpu"
@@ -112,7 +135,9 @@ class Sampler:
         if "dit_config" not in state:
             raise ValueError(f"checkpoint {folder}: expected a DiT stage checkpoint (with dit_config), got keys "
                              f"{sorted(state)}")
-        dit = DiT(from_dict(DiTConfig, dict(state["dit_config"]), where="dit_config"))
+        dit_cfg = from_dict(DiTConfig, dict(state["dit_config"]), where="dit_config")
+        attention = state.get("config", {}).get("model", {}).get("attention", "full")
+        dit = DiT(dit_cfg) if attention == "full" else Latte(latte_from_dit(dit_cfg, attention.removeprefix("latte_")))
         dit.load_state_dict(state[weights])
         vae, _ = load_vae(state["vae_checkpoint"], state["config"]["vae"]["weights"], device)
         encoder = TextEncoder(from_dict(TextConfig, dict(state["config"]["text"]), where="text"), device)
@@ -122,8 +147,13 @@ class Sampler:
 
     @torch.no_grad()
     def generate(self, prompts: list[str], *, frames: int, height: int, width: int, steps: int = 50,
-                 guidance_scale: float = 6.0, seed: int = 0) -> list[np.ndarray]:
-        """One video per prompt, each (frames, height, width, 3) uint8."""
+                 guidance_scale: float = 6.0, seed: int = 0, guidance: GuidanceConfig | None = None,
+                 fps: float = 8.0) -> list[np.ndarray]:
+        """One video per prompt, each (frames, height, width, 3) uint8. ``guidance`` (schedule,
+        thresholding, motion-free) replaces the constant ``guidance_scale`` when given; ``fps`` is the
+        frame rate asked of a model with fps_conditioning."""
+        guidance = guidance or GuidanceConfig(scale=guidance_scale)
+        plain = guidance.schedule == "constant" and guidance.scale == 1.0 and guidance.motion_scale is None
         vc = self.vae.cfg
         if height % (2 * vc.spatial_factor) or width % (2 * vc.spatial_factor):
             raise ValueError(f"sample size: expected height and width divisible by {2 * vc.spatial_factor} "
@@ -139,9 +169,11 @@ class Sampler:
             for i, prompt in enumerate(prompts):
                 text = self.encoder.encode([prompt])[0].float()  # (1, L, D)
                 noise = torch.randn(shape, generator=noise_generator(seed, i)).to(self.device)
+                cond = ({"fps": torch.full((1,), float(fps), device=self.device)}
+                        if getattr(self.dit.cfg, "fps_conditioning", False) else None)
                 with autocast:
-                    z = ddim_sample(self.dit, noise, text, ac=self.ac, num_steps=steps, guidance_scale=guidance_scale,
-                                    null_text=null_text)  # (1, t, C, h, w)
+                    z = guided_sample(self.dit, noise, text, ac=self.ac, num_steps=steps, guidance=guidance,
+                                      null_text=None if plain else null_text, conditioning=cond).x0  # (1, t, C, h, w)
                 z = (z.float() / self.latent_scale).permute(0, 2, 1, 3, 4)  # (1, C, t, h, w)
                 x = self.vae.decode(z)  # (1, 3, frames, H, W)
                 videos.append(to_uint8(x[0]))

@@ -45,12 +45,15 @@ from trainer.diffusion import (
     ScheduleConfig,
     alphas_cumprod,
     diffusion_loss,
+    motion_free_draw,
     q_sample,
     stratified_timesteps,
     timestep_bins,
 )
 from trainer.metrics import MetricWindow, peak_flops
 from trainer.models.dit import DIT_PRESETS, Block, DiT, DiTConfig, dit_config, flops_per_token
+from trainer.models.latte import (LATTE_VARIANTS, FactorisedAttentionBlock, FactorisedHeadsBlock, Latte, SpatialBlock,
+                                  TemporalBlock, latte_flops, latte_from_dit)
 from trainer.runtime import (
     EMA,
     LocalRun,
@@ -87,16 +90,37 @@ class ModelSection:
     """Recompute each transformer block in the backward pass."""
     pos_embed: str = ""
     """"sincos" or "rope"; empty keeps the preset's."""
+    attention: str = "full"
+    """"full": CogVideoX's 3D full attention. "latte_interleaved", "latte_late_fusion",
+    "latte_factorised_attention", "latte_factorised_heads": Latte's factorised variant (trainer/models/latte.py)
+    at the preset's depth, width and heads; not exportable to diffusers."""
+    fps_conditioning: bool = False
+    """CogVideo's frame-rate conditioning: the batch's fps (source fps / stride; images image_fps) is
+    embedded like the timestep and added to it (DiTConfig.fps_conditioning)."""
+    image_fps: float = 120.0
+    """The frame rate images are given under fps_conditioning (Open-Sora's IMG_FPS)."""
 
     def __post_init__(self) -> None:
         if self.preset not in DIT_PRESETS:
             raise ValueError(f"[model] preset: expected one of {sorted(DIT_PRESETS)}, got {self.preset!r}")
+        attentions = ("full", *(f"latte_{v}" for v in LATTE_VARIANTS))
+        if self.attention not in attentions:
+            raise ValueError(f"[model] attention: expected one of {attentions}, got {self.attention!r}")
+        if self.image_fps <= 0:
+            raise ValueError(f"[model] image_fps: expected > 0, got {self.image_fps}")
+
+    def build(self, dit_cfg: DiTConfig) -> nn.Module:
+        """The DiT of ``dit_cfg``, or the Latte variant of the same sizes."""
+        if self.attention == "full":
+            return DiT(dit_cfg)
+        return Latte(latte_from_dit(dit_cfg, self.attention.removeprefix("latte_")))
 
     def dit(self, *, text_dim: int, text_len: int, latent_channels: int) -> DiTConfig:
         """The preset, its widths fitted to the text encoder (T5-XXL: 4096) and the VAE's latent channels."""
         extra = {"pos_embed": self.pos_embed} if self.pos_embed else {}
         return dit_config(self.preset, checkpointing=self.checkpointing, text_dim=text_dim, max_text_len=text_len,
-                          in_channels=latent_channels, out_channels=latent_channels, **extra)
+                          in_channels=latent_channels, out_channels=latent_channels,
+                          fps_conditioning=self.fps_conditioning, **extra)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -124,10 +148,19 @@ class DiffusionSection:
     """Overrides the preset's SNR shift when > 0."""
     timestep_bins: int = 5
     """Slices of [0, 1000) the loss is also logged by (loss_t000_199, ...)."""
+    p_motion_free: float = 0.0
+    """GenTron: each sample is trained motion-free (its frames do not see each other) with this
+    probability, drawn per (seed, step, rank); sample with [sample] motion_guidance. 0 = off."""
+    pseudo_video_frames: int = 0
+    """GenTron's joint image-video scheme: image batches become static pseudo-videos of this many latent
+    frames (the image repeated), always motion-free. 0 = images stay single frames."""
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULE_PRESETS:
             raise ValueError(f"[diffusion] schedule: expected one of {sorted(SCHEDULE_PRESETS)}, got {self.schedule!r}")
+        if not 0.0 <= self.p_motion_free <= 1.0 or self.pseudo_video_frames < 0:
+            raise ValueError(f"[diffusion]: expected 0 <= p_motion_free <= 1 and pseudo_video_frames >= 0, got "
+                             f"{self.p_motion_free} and {self.pseudo_video_frames}")
         if self.snr_shift_scale < 0 or not 1 <= self.timestep_bins <= 100:
             raise ValueError(f"[diffusion]: expected snr_shift_scale >= 0 and 1 <= timestep_bins <= 100, got "
                              f"{self.snr_shift_scale} and {self.timestep_bins}")
@@ -253,11 +286,12 @@ def bin_names(num_bins: int, num_train_timesteps: int) -> list[str]:
 
 
 def per_sample_loss(model: nn.Module, x0: torch.Tensor, text: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                    ac: torch.Tensor, autocast: Any) -> torch.Tensor:
-    """(B,) x0-weighted diffusion loss of v predicted at x_t = q_sample(x0, noise, t). x0, noise: (B, t, C, h, w)."""
+                    ac: torch.Tensor, autocast: Any, **cond: torch.Tensor) -> torch.Tensor:
+    """(B,) x0-weighted diffusion loss of v predicted at x_t = q_sample(x0, noise, t). x0, noise: (B, t, C, h, w).
+    ``cond``: the model's optional per-sample inputs (``motion_free``, ``fps``)."""
     x_t = q_sample(x0, noise, t, ac)
     with autocast:
-        v = model(x_t, text, t)  # (B, t, C, h, w)
+        v = model(x_t, text, t, **cond)  # (B, t, C, h, w)
     return diffusion_loss(v.float(), x0, noise, t, ac)
 
 
@@ -304,7 +338,7 @@ def main(cfg: DiTStageConfig, run: RunContext) -> list[dict[str, float]]:
     # The DiT: the same initial weights on every rank (FSDP2 does not broadcast them).
     dit_cfg = cfg.model.dit(text_dim=encoder.dim, text_len=cfg.text.max_length, latent_channels=vae.cfg.latent_channels)
     seed_everything(tc.seed)
-    model = DiT(dit_cfg).to(device)
+    model = cfg.model.build(dit_cfg).to(device)
     seed_everything(rank_seed(tc.seed, run.rank))
 
     # Where to start: this run's latest checkpoint, else the previous stage's EMA weights, else scratch.
@@ -323,7 +357,8 @@ def main(cfg: DiTStageConfig, run: RunContext) -> list[dict[str, float]]:
         ema.load_state_dict(resume.state["ema"])
 
     # Data parallelism (FSDP2 shard units: the transformer blocks), AdamW, warm-up then cosine.
-    model = wrap(model, tc.strategy, device, run.world_size, shard_units=(Block,))
+    blocks = (Block, SpatialBlock, TemporalBlock, FactorisedAttentionBlock, FactorisedHeadsBlock)
+    model = wrap(model, tc.strategy, device, run.world_size, shard_units=blocks)
     opt = cfg.optim.optimizer(model.parameters())
     if resume is not None:
         load_optimizer_state(model, opt, resume.state["opt"])
@@ -360,9 +395,13 @@ def main(cfg: DiTStageConfig, run: RunContext) -> list[dict[str, float]]:
             b = x0.shape[0]
             t = stratified_timesteps(step=step, seed=tc.seed, rank=run.rank, world_size=run.world_size,
                                      local_batch=b, num_train_timesteps=schedule_cfg.num_train_timesteps).to(device)
+            cond = step_conditioning(cfg, batch, step=step, rank=run.rank, batch_size=b, device=device)
+            if cfg.diffusion.pseudo_video_frames and x0.shape[1] == 1:  # GenTron: a still as a static video
+                x0 = x0.expand(-1, cfg.diffusion.pseudo_video_frames, -1, -1, -1).contiguous()
+                cond["motion_free"] = torch.ones(b, dtype=torch.bool, device=device)
             noise = torch.randn(x0.shape, generator=noise_generator(tc.seed, step, run.rank)).to(device)
 
-            losses = per_sample_loss(model, x0, emb.float(), t, noise, ac, autocast)  # (B,)
+            losses = per_sample_loss(model, x0, emb.float(), t, noise, ac, autocast, **cond)  # (B,)
             loss = losses.mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -379,7 +418,8 @@ def main(cfg: DiTStageConfig, run: RunContext) -> list[dict[str, float]]:
                 parts[names[k]] = float(detached[bins == k].mean())
             seq = dit_cfg.max_text_len + vision_tokens(dit_cfg, tuple(x0.shape))
             parts["caption_dropped_fraction"] = float(dropped.float().mean())
-            window.add(parts, samples=b, tokens=b * seq, flops=b * seq * flops_per_token(dit_cfg, seq))
+            window.add(parts, samples=b, tokens=b * seq,
+                       flops=b * sample_flops(cfg, dit_cfg, tuple(x0.shape), emb.shape[1]))
 
             last = step == tc.steps
             if step % tc.log_every and not last:
@@ -441,6 +481,30 @@ def latent_scale(cfg: DiTStageConfig, vae: nn.Module, vae_folder: Path, device: 
     return 1.0 / std
 
 
+def step_conditioning(cfg: DiTStageConfig, batch: dict[str, Any], *, step: int, rank: int, batch_size: int,
+                      device: torch.device) -> dict[str, torch.Tensor]:
+    """The optional model inputs of one step: GenTron's motion-free switch (seeded per step and rank) and
+    the clips' frame rates (images, fps 0 in the shards, get [model] image_fps)."""
+    cond: dict[str, torch.Tensor] = {}
+    if cfg.diffusion.p_motion_free > 0:
+        cond["motion_free"] = motion_free_draw(step=step, seed=cfg.train.seed, rank=rank, batch=batch_size,
+                                               p=cfg.diffusion.p_motion_free).to(device)
+    if cfg.model.fps_conditioning:
+        fps = batch["fps"].float()  # (B,)
+        cond["fps"] = torch.where(fps > 0, fps, torch.full_like(fps, cfg.model.image_fps)).to(device)
+    return cond
+
+
+def sample_flops(cfg: DiTStageConfig, dit_cfg: DiTConfig, latent_shape: tuple[int, ...], n_text: int) -> float:
+    """Training flops of one sample of DiT latents (B, t, C, h, w) for the configured attention."""
+    _, t, _, h, w = latent_shape
+    if cfg.model.attention == "full":
+        seq = n_text + vision_tokens(dit_cfg, latent_shape)
+        return seq * flops_per_token(dit_cfg, seq)
+    latte = latte_from_dit(dit_cfg, cfg.model.attention.removeprefix("latte_"))
+    return latte_flops(latte, t, h // dit_cfg.patch_size, w // dit_cfg.patch_size, n_text)
+
+
 def data_metrics(batches: DiTBatches, device: torch.device) -> dict[str, float]:
     """Samples read and bad samples skipped, summed over ranks (a collective)."""
     m = batches.metrics()
@@ -453,7 +517,7 @@ def write_stage_samples(folder: Path, step: int, cfg: DiTStageConfig, sampler: S
     s = cfg.sample
     frames, height, width = cfg.sample_shape()
     videos = sampler.generate(list(s.prompts), frames=frames, height=height, width=width, steps=s.steps,
-                              guidance_scale=s.guidance_scale, seed=s.seed)
+                              guidance_scale=s.guidance_scale, seed=s.seed, guidance=s.guidance_config(), fps=s.fps)
     write_samples(folder, step, videos, list(s.prompts), fps=s.fps,
                   info={"steps": s.steps, "guidance_scale": s.guidance_scale, "seed": s.seed, "weights": "ema",
                         "text_encoder": sampler.encoder.describe()})
