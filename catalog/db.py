@@ -3,7 +3,8 @@
 Layout of a catalog file (what a user sees with ``SHOW TABLES``; ``FROM column_docs`` explains every column):
 
 - base tables with every registered run's rows (the schema's columns, plus ``registered_at``):
-  ``videos_history``, ``clips_history``, ``rejects``, ``runs`` (one row per run attempt). The two history
+  ``videos_history``, ``clips_history``, ``rejects``, ``skipped`` (directory entries that are not media),
+  ``runs`` (one row per run attempt). The two history
   tables also carry ``is_current``: true for the rows of the latest run of their video;
 - ``videos`` / ``clips``: views over the current rows, exactly the schema's columns. A video curated again in a
   later run (later ``runs.started_at``) supersedes its older rows here; the history tables keep them;
@@ -20,13 +21,18 @@ Aesthetic, watermark and caption-similarity thresholds do not apply to clips of 
 models (``runs.standin_models``): their scores are meaningless, as jobs.curate says; curation applies the same rule.
 
 Registration is keyed by ``run_id``: registering a run folder replaces that run's rows with the folder's
-current content in one transaction, and registering an unchanged folder again writes nothing at all.
+current content in one transaction, and registering an unchanged folder again writes nothing at all. It is atomic
+at the file level too: the new catalog is built in a copy beside the file and renamed over it once complete, so a
+registration killed at any point leaves the previous catalog (or none) exactly as it was.
 """
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import math
+import os
+import shutil
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -43,13 +49,17 @@ RUN_FILES: dict[str, str] = {
     "videos": "videos.parquet",
     "clips": "clips.parquet",
     "rejects": "rejects.parquet",
+    "skipped": "skipped.parquet",
     "runs": "runs.parquet",
 }
+# Tables a run folder may lack (written since): registered as empty.
+OPTIONAL_RUN_FILES = ("skipped",)
 # Base table holding every registered run's rows of each input table.
 BASE_TABLES: dict[str, str] = {
     "videos": "videos_history",
     "clips": "clips_history",
     "rejects": "rejects",
+    "skipped": "skipped",
     "runs": "runs",
 }
 SHARD_TABLES = ("shards", "shard_samples")
@@ -58,7 +68,8 @@ LINEAGE_TABLES = ("checkpoints", "checkpoint_clips")
 # Columns added to catalog.schema after runs had been written with it: a run folder without them still registers,
 # with NULLs there (the report then shows a placeholder card instead of a preview).
 ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"clips": ("preview_jpeg", "text_area_max", "text_area_mean", "text_boxes",
-                                                      "text_persistent_area", "text_persistent_box")}
+                                                      "text_persistent_area", "text_persistent_box"),
+                                             "videos": ("damaged_frames",)}
 DEFAULT_FILENAME = "catalog.duckdb"
 
 REGISTERED_AT_DOC = "when this row was copied into the catalog"
@@ -268,6 +279,8 @@ TABLE_DOCS: dict[str, str] = {
     "videos_history": "every video row of every registered curation run (videos shows the latest run per video)",
     "clips_history": "every clip row of every registered curation run (clips shows the latest run per video)",
     "rejects": "inputs that could not be processed, all runs",
+    "skipped": "directory entries under a run's input that are not media to curate, and why (all runs); with videos "
+               "and rejects, every path under the input",
     "runs": "one row per curation run attempt (a resumed run keeps its run_id)",
     "shards": "WebDataset tars written by jobs.shards",
     "shard_samples": "which clip went into which shard, bucket and key",
@@ -471,6 +484,8 @@ class RunFolderError(ValueError):
 
 def _read_run_table(run_dir: Path, key: str) -> pa.Table:
     path = run_dir / RUN_FILES[key]
+    if not path.exists() and key in OPTIONAL_RUN_FILES:
+        return schema.empty(key)
     if not path.exists():
         found = sorted(p.name for p in run_dir.iterdir()) if run_dir.is_dir() else []
         raise RunFolderError(f"{run_dir}: expected {RUN_FILES[key]} (one of {sorted(RUN_FILES.values())}), "
@@ -496,6 +511,8 @@ def _fingerprint(run_dir: Path) -> str:
     h = hashlib.sha256()
     for key in sorted(RUN_FILES):
         path = run_dir / RUN_FILES[key]
+        if not path.exists():  # an optional table the folder lacks
+            continue
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         for f in files:
             h.update(str(f.relative_to(run_dir)).encode() + b"\0")
@@ -568,12 +585,14 @@ def _replace_run_rows(con: duckdb.DuckDBPyConnection, tables: dict[str, pa.Table
     finally:
         for key in ("videos", "clips"):
             con.unregister(f"_in_{key}")
-    con.register("_in_rejects", tables["rejects"])
-    try:
-        cols = ", ".join(schema.REJECTS.names)
-        con.execute(f"INSERT INTO rejects ({cols}, registered_at) SELECT {cols}, ? FROM _in_rejects", [now])
-    finally:
-        con.unregister("_in_rejects")
+    for key in ("rejects", "skipped"):
+        con.register(f"_in_{key}", tables[key])
+        try:
+            cols = ", ".join(schema.TABLES[key].names)
+            con.execute(f"INSERT INTO {BASE_TABLES[key]} ({cols}, registered_at) SELECT {cols}, ? FROM _in_{key}",
+                        [now])
+        finally:
+            con.unregister(f"_in_{key}")
     con.execute("DROP TABLE _affected")
     con.execute("DROP TABLE _latest")
     return replaced
@@ -594,30 +613,84 @@ def register_run(db_path: str | Path, run_dir: str | Path) -> RegisterResult:
     if not run_ids:
         raise RunFolderError(f"{run_dir}: no rows with a run_id in {sorted(RUN_FILES.values())}")
     fingerprint = _fingerprint(run_dir)
+    db_path = Path(db_path)
+    if _registered_fingerprint(db_path, run_dir) == fingerprint:
+        return RegisterResult(str(db_path), str(run_dir), tuple(run_ids), False,
+                              {k: 0 for k in RUN_FILES}, {b: 0 for b in BASE_TABLES.values()})
 
-    con = open_catalog(db_path)
+    # Built in a copy, renamed over the catalog when complete: a kill at any point leaves the old file untouched.
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    work = db_path.with_name(f".{db_path.name}.registering")
+    # One registration at a time per catalog (two copies renamed in turn would lose the first one's rows).
+    lock = open(db_path.with_name(f".{db_path.name}.lock"), "a")  # noqa: SIM115 - held until the rename
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _register_copy(db_path, work, run_dir, tables, run_ids, fingerprint)
+    finally:
+        lock.close()
+
+
+def _register_copy(db_path: Path, work: Path, run_dir: Path, tables: dict[str, pa.Table], run_ids: list[str],
+                   fingerprint: str) -> RegisterResult:
+    _remove_db(work)  # what a killed registration left
+    try:
+        if db_path.exists():
+            _checkpoint(db_path)  # fold any write-ahead log into the file, so the copy alone is the whole catalog
+            shutil.copyfile(db_path, work)
+        con = open_catalog(work)
+        try:
+            now = datetime.now(UTC)
+            con.execute("BEGIN TRANSACTION")
+            try:
+                replaced = _replace_run_rows(con, tables, run_ids, now)
+                con.execute("INSERT OR REPLACE INTO _registrations VALUES (?, ?, ?, ?)",
+                            [str(run_dir), fingerprint, run_ids, now])
+                con.execute("COMMIT")
+            except duckdb.Error as exc:
+                con.execute("ROLLBACK")
+                if isinstance(exc, duckdb.ConstraintException):
+                    raise RunFolderError(f"{run_dir}: rows break the catalog's constraints (nothing was "
+                                         f"registered): {exc}") from exc
+                raise
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+        os.replace(work, db_path)
+    finally:
+        _remove_db(work)
+    return RegisterResult(str(db_path), str(run_dir), tuple(run_ids), True,
+                          {k: t.num_rows for k, t in tables.items()}, replaced)
+
+
+def _remove_db(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".wal")):
+        p.unlink(missing_ok=True)
+
+
+def _checkpoint(db_path: Path) -> None:
+    if db_path.with_name(db_path.name + ".wal").exists():
+        con = duckdb.connect(str(db_path))
+        try:
+            con.execute("CHECKPOINT")
+        finally:
+            con.close()
+
+
+def _registered_fingerprint(db_path: Path, run_dir: Path) -> str | None:
+    """The fingerprint ``run_dir`` was last registered with in the catalog at ``db_path``, if any (read only)."""
+    if not db_path.is_file():
+        return None
+    try:
+        con = duckdb.connect(str(db_path), read_only=True)
+    except duckdb.Error:
+        return None  # not readable as it is (a write-ahead log to replay, another writer): register afresh
     try:
         row = con.execute("SELECT fingerprint FROM _registrations WHERE run_dir = ?", [str(run_dir)]).fetchone()
-        if row is not None and row[0] == fingerprint:
-            return RegisterResult(str(db_path), str(run_dir), tuple(run_ids), False,
-                                  {k: 0 for k in RUN_FILES}, {b: 0 for b in BASE_TABLES.values()})
-        now = datetime.now(UTC)
-        con.execute("BEGIN TRANSACTION")
-        try:
-            replaced = _replace_run_rows(con, tables, run_ids, now)
-            con.execute("INSERT OR REPLACE INTO _registrations VALUES (?, ?, ?, ?)",
-                        [str(run_dir), fingerprint, run_ids, now])
-            con.execute("COMMIT")
-        except duckdb.Error as exc:
-            con.execute("ROLLBACK")
-            if isinstance(exc, duckdb.ConstraintException):
-                raise RunFolderError(f"{run_dir}: rows break the catalog's constraints (nothing was registered): "
-                                     f"{exc}") from exc
-            raise
-        return RegisterResult(str(db_path), str(run_dir), tuple(run_ids), True,
-                              {k: t.num_rows for k, t in tables.items()}, replaced)
+    except duckdb.CatalogException:  # a catalog from before registrations were recorded
+        return None
     finally:
         con.close()
+    return None if row is None else row[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

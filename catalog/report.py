@@ -314,9 +314,15 @@ def render(con: duckdb.DuckDBPyConnection, db_label: str, opts: ReportOptions) -
 
     # Counts per stage.
     n_inputs_failed = _scalar(con, "SELECT count(*) FROM rejects")
+    # Catalogs written before the skipped table existed have none (a read-only report cannot add it).
+    has_skipped = bool(_scalar(con, "SELECT count(*) FROM duckdb_tables() WHERE table_name = 'skipped' "
+                                    "AND schema_name = 'main'"))
+    skipped = con.execute("SELECT reason, count(*) AS n FROM skipped GROUP BY reason ORDER BY n DESC, reason"
+                          ).fetchall() if has_skipped else []
     funnel = [
         ("videos and images (current)", _scalar(con, "SELECT count(*) FROM videos")),
         ("inputs that failed (rejects, all runs)", n_inputs_failed),
+        ("entries skipped, not media (skipped, all runs)", sum(n for _, n in skipped)),
         ("clips (current)", _scalar(con, "SELECT count(*) FROM clips")),
         ("clips with no curation reject reason",
          _scalar(con, "SELECT count(*) FROM clips WHERE len(reject_reasons) = 0")),
@@ -358,6 +364,8 @@ def render(con: duckdb.DuckDBPyConnection, db_label: str, opts: ReportOptions) -
     out.append("<p class='note'>Inputs that could not be processed (rejects):</p>")
     out.append(_table(["stage", "error", "inputs", "example message"], stage_rejects) if stage_rejects
                else "<p>none</p>")
+    out.append("<p class='note'>Directory entries under the input that are not media to curate (skipped):</p>")
+    out.append(_table(["reason", "entries"], skipped) if skipped else "<p>none</p>")
 
     # Histograms.
     out.append("<h2>Score histograms</h2><p class='note'>Green bars pass the thresholds marked on the score, red "

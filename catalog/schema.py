@@ -35,6 +35,9 @@ VIDEOS = pa.schema([
     _f("cut_frames", pa.list_(pa.int64()), "0-based frame numbers where a detected scene starts (hard cuts), before clip limits"),
     _f("cut_detector", pa.string(), "scene detector and its settings"),
     _f("num_clips", pa.int32(), "clip spans cut from this video (kept or not)"),
+    _f("damaged_frames", pa.list_(pa.list_(pa.int64())),
+       "[start, end) frame ranges (0-based, end exclusive) that did not decode cleanly and were salvaged around: "
+       "no clip covers them; empty when the whole video decoded; null in runs curated before it was recorded"),
     _f("run_id", pa.string(), "curation run that produced this row", False),
 ])
 
@@ -90,6 +93,19 @@ REJECTS = pa.schema([
     _f("message", pa.string(), "what was expected and what came", False),
     _f("run_id", pa.string(), "curation run that recorded it", False),
 ])
+
+SKIPPED = pa.schema([
+    _f("uri", pa.string(), "directory entry under the input that is not media to curate (invalid UTF-8 bytes in a "
+       "name are shown as \\xNN escapes)", False),
+    _f("reason", pa.string(), "why it was not curated: extension (not an accepted media extension), broken_symlink, "
+       "symlink_loop, not_a_file (FIFO, socket, device), hidden (a dot-file or inside a dot-folder), vanished "
+       "(gone between listing and reading)", False),
+    _f("detail", pa.string(), "what was found: the extension, the link target, the file type or the OS error"),
+    _f("run_id", pa.string(), "curation run that listed it", False),
+])
+
+# The reasons a directory entry can be skipped for (skipped.reason).
+SKIP_REASONS = ("extension", "broken_symlink", "symlink_loop", "not_a_file", "hidden", "vanished")
 
 RUNS = pa.schema([
     _f("run_id", pa.string(), "hash of the config and the input listing; a resumed run keeps its id", False),
@@ -157,6 +173,7 @@ TABLES: dict[str, pa.Schema] = {
     "videos": VIDEOS,
     "clips": CLIPS,
     "rejects": REJECTS,
+    "skipped": SKIPPED,
     "runs": RUNS,
     "shards": SHARDS,
     "shard_samples": SHARD_SAMPLES,

@@ -5,8 +5,13 @@ thinned, downscaled subset is kept for the per-clip scorers and for the model st
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import math
+import os
 import time
+from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +28,10 @@ from pipeline.scoring.sharpness import sharpness
 from pipeline.settings import DecodeConfig, PrefilterConfig
 
 CPU_STAGE_VERSION = "analyze-1"
+
+# A scene longer than this many maximum clips (plus trim and the detector's lag) is cut into max_clip_s pieces
+# while it streams; shorter ones are split into equal pieces once they close (scenecut.clip_spans), as before.
+STREAM_SPLIT_CLIPS = 2
 
 # The clip preview stored in clips.preview_jpeg (the report's contact sheets): frames across the span, side by side.
 PREVIEW_FRAMES = 3
@@ -45,13 +54,24 @@ class VideoResult:
     video: dict[str, Any] | None = None     # a videos-table row (without run_id), None when rejected
     reject: dict[str, Any] | None = None    # a rejects-table row (without run_id)
     clips: list[ClipResult] = field(default_factory=list)
-    # [start, end) frame ranges that did not decode cleanly; no clip covers them (the videos table has no column yet)
+    # [start, end) frame ranges that did not decode cleanly; no clip covers them (also videos.damaged_frames)
     damaged_frames: list[tuple[int, int]] = field(default_factory=list)
 
 
 def uri_key(uri: str) -> str:
-    """Stable key of an input location, for resume markers (the content hash names the video, not the file)."""
-    return hashlib.sha1(uri.encode()).hexdigest()[:16]
+    """Stable key of an input location, for resume markers (the content hash names the video, not the file).
+
+    From the path's bytes, so a name that is not valid UTF-8 (surrogate-escaped by Python) has a key too."""
+    return hashlib.sha1(os.fsencode(uri)).hexdigest()[:16]
+
+
+def shown(text: str) -> str:
+    """``text`` as valid UTF-8 for the tables and logs: file-name bytes that are not UTF-8 (which Python keeps as
+    surrogate escapes) become ``\\xNN``; valid text is unchanged."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def clip_id(video_id: str, start: int, end: int) -> str:
@@ -60,8 +80,8 @@ def clip_id(video_id: str, start: int, end: int) -> str:
 
 def _reject(uri: str, video_id: str | None, stage: str, err: BaseException) -> VideoResult:
     return VideoResult(uri=uri, reject={
-        "uri": uri, "video_id": video_id, "stage": stage,
-        "error_class": type(err).__name__, "message": str(err) or repr(err),
+        "uri": shown(uri), "video_id": video_id, "stage": stage,
+        "error_class": type(err).__name__, "message": shown(str(err) or repr(err)),
     })
 
 
@@ -125,18 +145,53 @@ def prefilter_reasons(rec: dict[str, Any], cfg: PrefilterConfig) -> list[str]:
 
 
 def analyze_video(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, prefilter: PrefilterConfig) -> VideoResult:
-    """Probe, decode once, cut, score. Never raises for bad media: that becomes a reject."""
+    """Probe, decode once, cut, score. Never raises for bad media: that becomes a reject.
+
+    Collects what ``iter_analyze`` streams; use that where the clips should leave as they are scored.
+    """
+    clips: list[ClipResult] = []
+    for item in iter_analyze(uri, decode, scenecut, prefilter):
+        if isinstance(item, ClipResult):
+            clips.append(item)
+        elif item.reject is not None:
+            return item
+        else:
+            return dataclasses.replace(item, clips=clips)
+    raise AssertionError("iter_analyze ended without its VideoResult")
+
+
+def iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, prefilter: PrefilterConfig
+                 ) -> Iterator[ClipResult | VideoResult]:
+    """``analyze_video`` as a stream: each ``ClipResult`` as soon as it is scored, then one ``VideoResult`` last
+    (its ``clips`` empty; ``video["num_clips"]`` says how many came before it). A reject may follow clips already
+    yielded (a decode that fails without salvage after them): those clips then belong to no video.
+
+    Nothing an input does escapes: a non-MediaError anywhere becomes a reject (stage ``analyze``) and one raised
+    while scoring a clip becomes that clip's ``score_failed`` reject reason. Memory: only the open scene's
+    analysis frames are held, and a scene longer than ``STREAM_SPLIT_CLIPS`` maximum clips is cut into
+    ``max_clip_s`` pieces as it streams, so a one-shot hour holds what a few clips need.
+    """
+    try:
+        yield from _iter_analyze(uri, decode, scenecut, prefilter)
+    except Exception as err:  # noqa: BLE001 - one input's failure, whatever its class, stays that input's
+        yield _reject(uri, None, "analyze", err)
+
+
+def _iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, prefilter: PrefilterConfig
+                  ) -> Iterator[ClipResult | VideoResult]:
     path = Path(uri)
     try:
         video_id = media.content_hash(path)
     except OSError as err:
-        return _reject(uri, None, "read", err)
+        yield _reject(uri, None, "read", err)
+        return
     try:
         t0 = time.perf_counter()
-        info = media.probe(path, video_id=video_id)
+        info = media.probe(path, video_id=video_id, max_pixels=decode.max_pixels)
         probe_s = time.perf_counter() - t0
     except media.MediaError as err:
-        return _reject(uri, video_id, "probe", err)
+        yield _reject(uri, video_id, "probe", err)
+        return
 
     fps = info.fps if info.fps and info.fps > 0 else 1.0
     if info.is_image:
@@ -144,9 +199,11 @@ def analyze_video(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
             stream = media.open_frames(path, info, max_side=decode.max_side)
             frames = np.stack([f for _, f in stream])                         # (1, h, w, 3)
         except media.MediaError as err:
-            return _reject(uri, video_id, "decode", err)
-        clip = _score_clip(info, video_id, 0, 1, fps, frames, np.zeros(1), decode, prefilter)
-        return _video_result(uri, info, probe_s, stream.decoder, 1, [], None, [clip])
+            yield _reject(uri, video_id, "decode", err)
+            return
+        yield _guarded_clip(_score_clip, info, video_id, 0, 1, fps, frames, np.zeros(1), decode, prefilter)
+        yield _video_result(uri, info, probe_s, stream.decoder, 1, [], None, 1)
+        return
 
     step = max(fps / decode.analysis_fps, 1.0)
 
@@ -154,22 +211,47 @@ def analyze_video(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
         return i == 0 or int(i // step) != int((i - 1) // step)
 
     detector = CutDetector(scenecut, fps)
+    trim = round(scenecut.trim_s * fps)
+    max_len = math.floor(scenecut.max_clip_s * fps + 1e-6)
+    # A cut is reported some frames after it happens (the adaptive window, the min-scene flash filter): a piece
+    # split off a long scene ends this far behind the newest frame, so no cut reported later can fall inside it.
+    lag = round(2 * scenecut.min_scene_s * fps) + 8
+    split_at = STREAM_SPLIT_CLIPS * max_len + trim + lag
     # A scene is final once the cut after it is reported, so its clips are scored in a worker thread while
     # the decode goes on (OpenCV and NumPy release the GIL); only the open scene's frames stay in memory.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
-    futures: list[Future] = []
+    futures: deque[Future] = deque()
     buf: list[tuple[int, np.ndarray]] = []
     scene_start = 0
+    continued = False   # the open scene continues a piece split off it: no transition to trim at its start
     reported = 0
+    n_clips = 0
 
-    def close_scene(end: int) -> None:
-        nonlocal scene_start, buf
+    def submit(spans: list[tuple[int, int]], end: int) -> None:
+        nonlocal buf
         scene = [(i, f) for i, f in buf if i < end]
         buf = [(i, f) for i, f in buf if i >= end]
-        for s, e in clip_spans([], end - scene_start, fps, scenecut):
-            s, e = s + scene_start, e + scene_start
-            futures.append(pool.submit(_score_span, info, video_id, s, e, fps, scene, decode, prefilter))
-        scene_start = end
+        for s, e in spans:
+            futures.append(pool.submit(_guarded_clip, _score_span, info, video_id, s, e, fps, scene, decode,
+                                       prefilter))
+
+    def close_scene(end: int) -> None:
+        nonlocal scene_start, continued
+        origin = scene_start - trim if continued else scene_start  # clip_spans trims `trim` off the start
+        submit([(s + origin, e + origin) for s, e in clip_spans([], end - origin, fps, scenecut)], end)
+        scene_start, continued = end, False
+
+    def split_piece() -> None:
+        nonlocal scene_start, continued
+        s = scene_start if continued else scene_start + trim
+        submit([(s, s + max_len)], s + max_len)
+        scene_start, continued = s + max_len, True
+
+    def finished() -> Iterator[ClipResult]:
+        nonlocal n_clips
+        while futures and futures[0].done():
+            n_clips += 1
+            yield futures.popleft().result()
 
     n_decoded = 0
     last = -1
@@ -185,7 +267,7 @@ def analyze_video(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
             if index != last + 1:  # frames [last + 1, index) are damaged: close the scene before, no clip spans them
                 if scene_start <= last:
                     close_scene(last + 1)
-                scene_start = index
+                scene_start, continued = index, False
             last = index
             if small is None:
                 detector.push(index, frame)
@@ -199,18 +281,41 @@ def analyze_video(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
                 if scene_start < cuts[reported] < info.frames:
                     close_scene(cuts[reported])
                 reported += 1
+            if last + 1 - scene_start >= split_at:
+                split_piece()
+            yield from finished()
         cuts = detector.finish()
         for c in cuts:  # the ones the end-of-stream flush released
             if c > scene_start:
                 close_scene(c)
         close_scene(last + 1)
-        clips = [f.result() for f in futures]
+        while futures:
+            n_clips += 1
+            yield futures.popleft().result()
     except media.MediaError as err:
-        return _reject(uri, video_id, "decode", err)
+        yield _reject(uri, video_id, "decode", err)
+        return
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-    return _video_result(uri, info, probe_s, media.analysis_decoder(info) if decode.backend != "decord" else "decord",
-                         n_decoded, cuts, detector.name, clips, damage)
+    yield _video_result(uri, info, probe_s, media.analysis_decoder(info) if decode.backend != "decord" else "decord",
+                        n_decoded, cuts, detector.name, n_clips, damage)
+
+
+def _guarded_clip(score, info, video_id, start, end, fps, *args) -> ClipResult:
+    """``score(info, video_id, start, end, fps, *args)``; whatever it raises becomes this clip's reject reason."""
+    try:
+        return score(info, video_id, start, end, fps, *args)
+    except Exception as err:  # noqa: BLE001 - one clip's failure must not lose its video's other clips
+        rec: dict[str, Any] = {
+            "clip_id": clip_id(video_id, start, end), "video_id": video_id,
+            "start_frame": int(start), "end_frame": int(end), "start_s": start / fps, "end_s": end / fps,
+            "frames": int(end - start), "duration": 0.0 if info.is_image else (end - start) / fps,
+            "fps": None if info.is_image else float(info.fps),
+            "width": int(info.display_width), "height": int(info.display_height), "is_image": bool(info.is_image),
+            "models": {}, "stage_versions": {"analyze": CPU_STAGE_VERSION},
+            "reject_reasons": [f"score_failed: {type(err).__name__}: {err}"[:300]],
+        }
+        return ClipResult(rec, None, None, None)
 
 
 def _score_span(info, video_id, start, end, fps, scene, decode: DecodeConfig, prefilter: PrefilterConfig) -> ClipResult:
@@ -223,17 +328,20 @@ def _score_span(info, video_id, start, end, fps, scene, decode: DecodeConfig, pr
     return _score_clip(info, video_id, start, end, fps, frames, times, decode, prefilter)
 
 
-def _video_result(uri, info, probe_s, decoder, n_decoded, cuts, detector_name, clips, damage=()) -> VideoResult:
+def _video_result(uri, info, probe_s, decoder, n_decoded, cuts, detector_name, n_clips, damage=()) -> VideoResult:
+    damaged = [(int(a), int(b)) for a, b in damage]
     row = info.to_row()
     row.update(
+        uri=shown(row["uri"]),
         probe_seconds=probe_s,
         decoder=decoder,
         frames=int(n_decoded),
         cut_frames=[int(c) for c in cuts],
         cut_detector=detector_name,
-        num_clips=len(clips),
+        num_clips=int(n_clips),
+        damaged_frames=[list(r) for r in damaged],
     )
-    return VideoResult(uri=uri, video=row, clips=clips, damaged_frames=[(int(a), int(b)) for a, b in damage])
+    return VideoResult(uri=uri, video=row, damaged_frames=damaged)
 
 
 def _score_clip(info, video_id, start, end, fps, frames, times, decode: DecodeConfig, prefilter: PrefilterConfig) -> ClipResult:

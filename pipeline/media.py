@@ -203,12 +203,14 @@ class MediaInfo:
 # probe
 
 
-def probe(path: str | Path, *, video_id: str | None = None) -> MediaInfo:
+def probe(path: str | Path, *, video_id: str | None = None, max_pixels: int | None = None) -> MediaInfo:
     """Read a video's or image's metadata and count its decodable frames.
 
     Args:
         path: a video or image file.
         video_id: ``content_hash(path)`` when the caller already has it (saves reading the file twice).
+        max_pixels: a video (or animated image) whose coded frame has more pixels is an ``UnsupportedSizeError``
+            before any frame is decoded; None: only the per-side limits.
 
     Raises:
         EmptyFileError, NotMediaError, NoVideoStreamError, DecodeError, UnsupportedSizeError.
@@ -227,7 +229,10 @@ def probe(path: str | Path, *, video_id: str | None = None) -> MediaInfo:
         if image_format is not None:
             fields = _probe_image(path, image_format)
         else:
-            fields = _probe_video(path, head)
+            fields = _probe_video(path, head, max_pixels)
+        if max_pixels is not None and not fields["is_image"] and fields["width"] * fields["height"] > max_pixels:
+            raise UnsupportedSizeError(f"expected video frames of at most {max_pixels} pixels, got "
+                                       f"{fields['width']}x{fields['height']}: {path}")
     except MediaError:
         raise
     except Exception as e:  # noqa: BLE001 - see _guarded
@@ -437,7 +442,7 @@ def _is_still_demuxer(format_name: str) -> bool:
     return format_name == "image2" or format_name.endswith("_pipe")
 
 
-def _probe_video(path: Path, head: bytes) -> dict:
+def _probe_video(path: Path, head: bytes, max_pixels: int | None = None) -> dict:
     container = _open_container(path)
     with container:
         stream = _video_stream(container, path)
@@ -462,6 +467,9 @@ def _probe_video(path: Path, head: bytes) -> dict:
         raise NotMediaError(f"expected a {codec} stream with a picture size, the {format_name} demuxer "
                             f"found {width}x{height}: {path}")
     _check_size(path, width, height)
+    if max_pixels is not None and width * height > max_pixels:  # before _first_frame decodes one at full size
+        raise UnsupportedSizeError(f"expected video frames of at most {max_pixels} pixels, got {width}x{height}: "
+                                   f"{path}")
     first = _first_frame(path)
     rotation = int(round(-(first.rotation or 0))) % 360  # frame.rotation is counter-clockwise
     if rotation not in (0, 90, 180, 270):

@@ -20,6 +20,11 @@ class DecodeConfig:
     # auto/pyav: one PyAV pass that feeds the scene detector from the YUV planes and converts only the
     # kept frames (fastest here); decord: decord's RGB frames for everything (plain CFR H.264/HEVC mp4 only)
     backend: str = "auto"
+    # Largest video frame (width x height, coded) the analysis decodes; a larger one is a `probe` reject before
+    # any frame is decoded (one 16000x16000 frame is 384 MB of YUV, and a decoder holds several). Below it every
+    # frame is shrunk to max_side as it is decoded, so what the analysis holds does not grow with the source size.
+    # Default: 8K DCI (8192x4320). Still images have their own limit in pipeline.media.
+    max_pixels: int = 8192 * 4320
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,6 +82,7 @@ class RunConfig:
     stages: tuple[str, ...] = ("ocr", "watermark", "aesthetic", "caption", "caption_qa")
     extensions: tuple[str, ...] = (
         ".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".m4a", ".jpg", ".jpeg", ".png", ".webp",
+        ".gif", ".avif", ".heic", ".heif",
     )
     register_catalog: bool = True
 

@@ -18,12 +18,13 @@ from __future__ import annotations
 import io
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.analyze import VideoResult, _every, analyze_video, uri_key
+from pipeline.analyze import ClipResult, VideoResult, _every, iter_analyze, uri_key
 from pipeline.settings import CurateConfig
 
 
@@ -53,10 +54,23 @@ def result_rows(res: VideoResult) -> list[dict[str, Any]]:
     return rows
 
 
-def analyze_row(row: dict[str, Any], cfg: CurateConfig) -> list[dict[str, Any]]:
-    """Ray Data flat_map task: one input file in, its video/clip/reject rows out."""
-    res = analyze_video(row["uri"], cfg.decode, cfg.scenecut, cfg.prefilter)
-    return result_rows(res)
+def analyze_row(row: dict[str, Any], cfg: CurateConfig) -> Iterator[dict[str, Any]]:
+    """Ray Data flat_map task: one input file in, its clip rows out as they are scored, then its video or reject
+    row, whose ``expect`` counts the clip rows before it (a reject's clips are discarded by the writer).
+
+    ``row["path"]``: the file name's bytes (names need not be UTF-8); else ``row["uri"]``."""
+    uri = os.fsdecode(row["path"]) if row.get("path") is not None else row["uri"]
+    key = uri_key(uri)
+    n = 0
+    for item in iter_analyze(uri, cfg.decode, cfg.scenecut, cfg.prefilter):
+        if isinstance(item, ClipResult):
+            n += 1
+            yield {"kind": "clip", "uri_key": key, "record": json.dumps(item.record),
+                   "frames": pack_frames(item.frames, item.times), "expect": 0, "preview": item.preview or b""}
+        else:
+            kind = "reject" if item.reject is not None else "video"
+            yield {"kind": kind, "uri_key": key, "record": json.dumps(item.reject if kind == "reject" else item.video),
+                   "frames": b"", "expect": n, "preview": b""}
 
 
 def resolve_device(name: str) -> str:

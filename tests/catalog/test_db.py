@@ -45,7 +45,7 @@ def test_two_runs_registered_and_reregistration_is_a_noop(tmp_path: Path, two_ru
     db = tmp_path / "catalog.duckdb"
     folder_a, folder_b = two_runs["folders"]
     first = register_run(db, folder_a)
-    assert first.changed and first.rows == {"videos": 3, "clips": 5, "rejects": 1, "runs": 1}
+    assert first.changed and first.rows == {"videos": 3, "clips": 5, "rejects": 1, "skipped": 0, "runs": 1}
     second = register_run(db, folder_b)
     assert second.changed and second.run_ids == (two_runs["runs"][1],)
 
