@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from catalog.config import load_toml
-from jobs import _cli
+from jobs import _cli, selection
 from trainer.checkpoint import latest_checkpoint
 from trainer.config import stage_kind
 
@@ -38,7 +38,7 @@ STAGES = {"vae": "trainer.train_vae", "dit": "trainer.train_dit"}
 
 def load_stage(path: str | Path) -> Any:
     """The frozen stage config of the TOML file at ``path``, built by the trainer its kind names."""
-    data = load_toml(path)
+    _, data = selection.split(load_toml(path))  # [selection] is the job's (jobs/selection.py), not the trainer's
     kind = stage_kind(data)
     if kind not in STAGES:
         raise ValueError(f"[stage] kind: expected one of {sorted(STAGES)}, got {kind!r}")
@@ -126,6 +126,12 @@ def main(argv: list[str] | None = None) -> int:
     raw = _cli.load_config(load_stage, args.config)
     _cli.refuse_relative_paths({f"[{d.split('.')[0]}] {d.split('.')[1]}": _path_value(raw, d)
                                 for d in type(raw).PATH_FIELDS})
+    sel_cfg = _cli.load_config(lambda p: selection.split(load_toml(p))[0], args.config)
+    sel = None
+    if sel_cfg is not None:
+        _cli.refuse_relative_paths({"[selection] catalog": sel_cfg.catalog, "[selection] output": sel_cfg.output})
+        sel = selection.build(sel_cfg, _cli.ray_address(args.address))
+        raw = dataclasses.replace(raw, data=dataclasses.replace(raw.data, root=str(sel.root)))
     cfg = resolve(raw, args)
     run_dir = Path(cfg.ray.storage_path) / cfg.ray.name if "://" not in cfg.ray.storage_path else None
     session = _cli.start_ray(_cli.ray_address(args.address), run_dir, show=_show_worker_line)
@@ -138,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"training failed: {_cli.one_line(repr(result.error))[:2000]}", file=sys.stderr)
         return 1
     step = result.metrics.get("step")
+    if sel is not None and result.checkpoint is not None:
+        n = selection.record(sel, result.checkpoint.path, cfg=cfg, run=cfg.ray.name, stage=cfg.ray.name,
+                             metrics=dict(result.metrics))
+        print(f"lineage: {n} clips of {sel.rows} selected ({sel.config.where!r}) recorded for "
+              f"{result.checkpoint.path} in {sel.config.catalog}")
     _cli.summary_table(f"trained {cfg.ray.name} ({cfg.stage.kind})", [
         ("workers", f"{cfg.ray.workers} x ({cfg.ray.cpus_per_worker:g} CPU, {cfg.ray.gpus_per_worker:g} GPU)"),
         ("steps", f"{step} of {cfg.train.steps}"),
