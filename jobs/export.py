@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder, state = load_init(args.checkpoint)
         model_cfg = from_dict(DiTConfig, dict(state["dit_config"]), where="dit_config")
+        attention = state.get("config", {}).get("model", {}).get("attention", "full")
+        if attention != "full":
+            raise ValueError(f"[model] attention = {attention!r}: only full attention is diffusers' "
+                             "CogVideoXTransformer3DModel, a Latte variant has no diffusers class to load into")
         schedule = from_dict(ScheduleConfig, dict(state["schedule"]), where="schedule")
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise _cli.UsageError(f"--checkpoint {args.checkpoint}: expected a DiT stage checkpoint: {err}") from None
