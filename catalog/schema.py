@@ -98,14 +98,14 @@ SKIPPED = pa.schema([
     _f("uri", pa.string(), "directory entry under the input that is not media to curate (invalid UTF-8 bytes in a "
        "name are shown as \\xNN escapes)", False),
     _f("reason", pa.string(), "why it was not curated: extension (not an accepted media extension), broken_symlink, "
-       "symlink_loop, not_a_file (FIFO, socket, device), hidden (a dot-file or inside a dot-folder), vanished "
-       "(gone between listing and reading)", False),
+       "symlink_loop, not_a_file (FIFO, socket, device, a symlink to a folder: not followed), hidden (a dot-file or "
+       "inside a dot-folder), vanished (gone between listing and reading), unreadable (permission denied)", False),
     _f("detail", pa.string(), "what was found: the extension, the link target, the file type or the OS error"),
     _f("run_id", pa.string(), "curation run that listed it", False),
 ])
 
 # The reasons a directory entry can be skipped for (skipped.reason).
-SKIP_REASONS = ("extension", "broken_symlink", "symlink_loop", "not_a_file", "hidden", "vanished")
+SKIP_REASONS = ("extension", "broken_symlink", "symlink_loop", "not_a_file", "hidden", "vanished", "unreadable")
 
 RUNS = pa.schema([
     _f("run_id", pa.string(), "hash of the config and the input listing; a resumed run keeps its id", False),

@@ -25,7 +25,7 @@ def _dump(db: Path) -> dict[str, list]:
     con = duckdb.connect(str(db), read_only=True)
     try:
         out = {}
-        for t in ("videos_history", "clips_history", "rejects", "runs", "thresholds", "_registrations"):
+        for t in ("videos_history", "clips_history", "rejects", "skipped", "runs", "thresholds", "_registrations"):
             out[t] = sorted(map(repr, con.execute(f"FROM {t}").to_arrow_table().to_pylist()))
         return out
     finally:
@@ -242,6 +242,68 @@ def test_a_failed_registration_changes_nothing(registered: Path, tmp_path: Path,
         register_run(registered, folder)
     assert "nothing was registered" in str(err.value) and "clip_id" in str(err.value)
     assert _dump(registered) == before
+
+
+_KILLED_REGISTRATION = """
+import os, sys
+from catalog import db
+
+real = db._replace_run_rows
+
+def killed(con, *args, **kwargs):
+    replaced = real(con, *args, **kwargs)
+    con.execute("COMMIT")   # even a committed write to the copy must not reach the catalog
+    con.execute("CHECKPOINT")
+    os._exit(9)             # as kill -9 would: no cleanup, no rename
+
+db._replace_run_rows = killed
+db.register_run(sys.argv[1], sys.argv[2])
+"""
+
+
+def _register_killed(db: Path, folder: Path) -> int:
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parents[2]
+    return subprocess.run([sys.executable, "-c", _KILLED_REGISTRATION, str(db), str(folder)], cwd=repo).returncode
+
+
+def test_a_killed_registration_leaves_the_previous_catalog(tmp_path: Path, two_runs: dict) -> None:
+    db = tmp_path / "catalog.duckdb"
+    folder_a, folder_b = two_runs["folders"]
+    assert _register_killed(db, folder_a) == 9
+    assert not db.exists()  # a first registration killed leaves no half-made catalog behind
+    register_run(db, folder_a)
+    before = _dump(db)
+    assert _register_killed(db, folder_b) == 9
+    assert _dump(db) == before  # the previous catalog, byte for byte in every table
+    again = register_run(db, folder_b)  # and the next registration completes over what the kill left
+    assert again.changed and again.run_ids == (two_runs["runs"][1],)
+    con = open_catalog(db, read_only=True)
+    try:
+        assert con.execute("SELECT count(*), count(DISTINCT run_id) FROM runs").fetchone() == (2, 2)
+    finally:
+        con.close()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".catalog.duckdb.registering")] == []
+
+
+def test_skipped_rows_are_registered_and_optional(tmp_path: Path, two_runs: dict) -> None:
+    folder_a, _ = two_runs["folders"]
+    run_id = two_runs["runs"][0]
+    db = tmp_path / "catalog.duckdb"
+    register_run(db, folder_a)  # a run folder from before skipped.parquet existed
+    rows = [{"uri": "/raw/notes.txt", "reason": "extension", "detail": ".txt", "run_id": run_id},
+            {"uri": "/raw/fifo.mp4", "reason": "not_a_file", "detail": "FIFO", "run_id": run_id}]
+    pq.write_table(schema.to_table("skipped", rows), folder_a / "skipped.parquet")
+    result = register_run(db, folder_a)
+    assert result.changed and result.rows["skipped"] == 2
+    con = open_catalog(db, read_only=True)
+    try:
+        got = con.execute("SELECT uri, reason, detail, run_id FROM skipped ORDER BY uri").fetchall()
+    finally:
+        con.close()
+    assert got == sorted((r["uri"], r["reason"], r["detail"], r["run_id"]) for r in rows)
 
 
 def test_shard_rows_join_back_to_clips(registered: Path, two_runs: dict) -> None:
