@@ -1,0 +1,188 @@
+"""python -m jobs.end_to_end with no arguments, end to end on the built-in sample (slow: a few minutes), then
+again: every step is skipped and no output is rewritten."""
+from __future__ import annotations
+
+import json
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from catalog.db import open_catalog
+from catalog.shards import read_manifest
+from jobs.end_to_end import DEFAULT_CONFIG, STEPS
+from jobs.end_to_end import main as end_to_end
+from trainer.checkpoint import checkpoint_step, latest_checkpoint
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> tuple[Path, str]:
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("end_to_end") / "run"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = end_to_end(["--output", str(out)])
+    console = buf.getvalue()
+    assert rc == 0, console[-5000:]
+    return out, console
+
+
+def _query(db: Path, sql: str) -> list[tuple]:
+    con = open_catalog(db, read_only=True)
+    try:
+        return con.execute(sql).fetchall()
+    finally:
+        con.close()
+
+
+def test_every_step_ran_and_the_closing_table_lists_them(run) -> None:
+    out, console = run
+    for i, step in enumerate(STEPS, 1):
+        assert f"[end_to_end] {i}/{len(STEPS)} {step}: done in" in console
+    table = console[console.index("end_to_end done:"):]
+    assert all(f"  {step}" in table for step in STEPS)
+    assert "stand-in" in console  # the tiny stand-ins are named as such
+
+
+def test_tables_catalog_shards_and_a_vae_checkpoint_per_stage(run) -> None:
+    out, console = run
+    for name in ("videos", "clips", "rejects", "runs"):
+        assert (out / "curate" / f"{name}.parquet").exists()
+    db = out / "curate" / "catalog.duckdb"
+    kept = _query(db, "SELECT count(*) FROM kept_clips")[0][0]
+    shards = read_manifest(out / "shards")
+    assert kept >= 4 and shards["samples"] == kept
+    cfg = tomllib.loads(DEFAULT_CONFIG.read_text())
+    for stage in ("vae_stage1", "vae_stage2"):
+        ckpt = latest_checkpoint(out / "runs" / stage)
+        assert ckpt is not None and checkpoint_step(ckpt) == cfg[stage]["train"]["steps"]
+    assert (latest_checkpoint(out / "runs" / "vae_stage2") / "latent_scale.json").is_file()
+    assert "the longest bucket this data fills is 17x48x80" in console  # stage 2 says what it trained on
+
+
+def test_precomputed_latents_and_a_dit_checkpoint_per_stage(run) -> None:
+    out, _ = run
+    latents, shards = read_manifest(out / "latents"), read_manifest(out / "shards")
+    assert latents["source"] == "precompute" and latents["samples"] == shards["samples"]
+    assert sorted(latents["buckets"]) == sorted(shards["buckets"])
+    cfg = tomllib.loads(DEFAULT_CONFIG.read_text())
+    for stage in ("dit", "dit_hq"):
+        ckpt = latest_checkpoint(out / "runs" / stage)
+        assert ckpt is not None and checkpoint_step(ckpt) == cfg[stage]["train"]["steps"]
+
+
+def test_the_hq_checkpoint_trained_on_exactly_the_predicates_rows(run) -> None:
+    out, _ = run
+    db = out / "curate" / "catalog.duckdb"
+    where = tomllib.loads(DEFAULT_CONFIG.read_text())["dit_hq"]["selection"]["where"]
+    ckpt = latest_checkpoint(out / "runs" / "dit_hq")
+    want = [r[0] for r in _query(db, f"SELECT clip_id FROM kept_clips WHERE {where} ORDER BY 1")]
+    got = [r[0] for r in _query(db, f"SELECT DISTINCT clip_id FROM checkpoint_clips WHERE checkpoint = '{ckpt}' "
+                                    "ORDER BY 1")]
+    all_kept = _query(db, "SELECT count(*) FROM kept_clips")[0][0]
+    assert got == want and 0 < len(want) < all_kept
+    lineage = json.loads((ckpt / "lineage.json").read_text())["selection"]
+    assert lineage["where"] == where and lineage["rows"] == len(want)
+    row = _query(db, f"SELECT selection, selection_rows, selection_sha256, init_from FROM checkpoints "
+                     f"WHERE checkpoint = '{ckpt}'")[0]
+    assert row[:3] == (where, len(want), lineage["clip_ids_sha256"]) and row[3] == str(out / "runs" / "dit")
+
+
+def test_samples_export_and_report(run) -> None:
+    out, _ = run
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+
+    assert list((out / "samples").glob("*.mp4")) and list((out / "samples").glob("*.png"))
+    model = CogVideoXTransformer3DModel.from_pretrained(out / "export" / "diffusers" / "transformer")
+    assert sum(p.numel() for p in model.parameters()) > 0 and isinstance(model, torch.nn.Module)
+    assert (out / "report.html").stat().st_size > 1000
+    training = (out / "training.html").read_text()
+    assert "dit_hq" in training and "data:image/png;base64," in training
+
+
+def test_a_rerun_skips_every_step_and_rewrites_nothing(run, capsys) -> None:
+    out, _ = run
+    watched = [p for p in out.rglob("*") if p.is_file() and "_steps" not in p.parts and p.name != "ray.log"]
+    before = {p: p.stat().st_mtime_ns for p in watched}
+    assert end_to_end(["--output", str(out)]) == 0
+    console = capsys.readouterr().out
+    assert all(f"{step}: complete from an earlier run, skipped" in console for step in STEPS)
+    changed = [str(p) for p in watched if p.stat().st_mtime_ns != before[p]]
+    assert changed == []
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _hq_clips(db: Path, out: Path) -> list[str]:
+    ckpt = latest_checkpoint(out / "runs" / "dit_hq")
+    return [r[0] for r in _query(db, f"SELECT clip_id FROM checkpoint_clips WHERE checkpoint = '{ckpt}' ORDER BY 1")]
+
+
+def test_killed_in_the_dit_stage_it_resumes_from_that_stages_checkpoint(run, capsys) -> None:
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out, _ = run
+    db = out / "curate" / "catalog.duckdb"
+    final = {s: checkpoint_step(latest_checkpoint(out / "runs" / s)) for s in ("dit", "dit_hq")}
+    hq_clips = _hq_clips(db, out)
+    # Back to the state before the DiT stage: its record and those after it, and their outputs, gone.
+    for step in STEPS[STEPS.index("dit"):]:
+        (out / "_steps" / f"{step}.json").unlink()
+    for folder in ("runs/dit", "runs/dit_hq", "samples", "export"):
+        shutil.rmtree(out / folder)
+    earlier = {p: p.stat().st_mtime_ns for d in ("curate", "shards", "latents", "runs/vae_stage1", "runs/vae_stage2")
+               for p in (out / d).rglob("*") if p.is_file() and p.name != "ray.log"}
+
+    log = (out.parent / "killed.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.end_to_end", "--output", str(out)], cwd=Path(__file__).parents[2],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        # Kill it once the DiT stage has written its first checkpoint (an event, not a delay).
+        while latest_checkpoint(out / "runs" / "dit") is None:
+            assert proc.poll() is None, (out.parent / "killed.log").read_text()[-3000:]
+            time.sleep(0.5)
+    finally:
+        pids = _descendants(proc.pid) | {proc.pid}
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait()
+        log.close()
+    killed_at = checkpoint_step(latest_checkpoint(out / "runs" / "dit"))
+    assert killed_at < final["dit"] and not (out / "_steps" / "dit_hq.json").exists()
+
+    assert end_to_end(["--output", str(out)]) == 0
+    console = capsys.readouterr().out
+    assert all(f"{step}: complete from an earlier run, skipped" in console for step in STEPS[:STEPS.index("dit")])
+    assert f"resuming dit from {out / 'runs' / 'dit'}" in console
+    assert [str(p) for p, t in earlier.items() if p.stat().st_mtime_ns != t] == []
+    assert {s: checkpoint_step(latest_checkpoint(out / "runs" / s)) for s in ("dit", "dit_hq")} == final
+    assert _hq_clips(db, out) == hq_clips
