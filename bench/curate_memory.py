@@ -30,8 +30,8 @@ import json, resource, sys, time
 from pipeline.analyze import ClipResult, iter_analyze
 from pipeline.scenecut import SceneCutConfig
 from pipeline.settings import DecodeConfig, PrefilterConfig
-import cv2, torch
-cv2.setNumThreads(1); torch.set_num_threads(1)
+import cv2
+cv2.setNumThreads(1)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t0 = time.perf_counter()
 clips, last = 0, None
