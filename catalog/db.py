@@ -68,8 +68,9 @@ LINEAGE_TABLES = ("checkpoints", "checkpoint_clips")
 # Columns added to catalog.schema after runs had been written with it: a run folder without them still registers,
 # with NULLs there (the report then shows a placeholder card instead of a preview).
 ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"clips": ("preview_jpeg", "text_area_max", "text_area_mean", "text_boxes",
-                                                      "text_persistent_area", "text_persistent_box"),
-                                             "videos": ("damaged_frames",)}
+                                                      "text_persistent_area", "text_persistent_box",
+                                                      "overlay_clip_score", "overlay_video_score", "overlay_video_box"),
+                                             "videos": ("damaged_frames", "overlay_score", "overlay_box")}
 DEFAULT_FILENAME = "catalog.duckdb"
 
 REGISTERED_AT_DOC = "when this row was copied into the catalog"

@@ -35,6 +35,22 @@ VIDEOS = pa.schema([
     _f("cut_frames", pa.list_(pa.int64()), "0-based frame numbers where a detected scene starts (hard cuts), before clip limits"),
     _f("cut_detector", pa.string(), "scene detector and its settings"),
     _f("num_clips", pa.int32(), "clip spans cut from this video (kept or not)"),
+    _f("overlay_score", pa.float32(), "static overlay evidence across the video's scenes in [0,1]: fine edges that "
+       "stay in place while different scenes pass behind them (clips of one scene are pooled first, so a locked-off "
+       "background is no evidence); null with fewer than two distinct scenes; each clip gets it as "
+       "overlay_video_score"),
+    _f("overlay_box", pa.list_(pa.float32()), "[x0, y0, x1, y1] fractions of the video-level overlay; null when none"),
+    _f("fade_frames", pa.list_(pa.list_(pa.int64())),
+       "[start, end) frame ranges of fades through black and black stretches (fade-out start to fade-in end, from "
+       "each frame's mean luma in the one decode); no clip overlaps them; empty when none; null for still images"),
+    _f("is_grayscale", pa.bool_(), "black-and-white footage: >= 95% of the non-black frames have no chroma (mean "
+       "|Cr-128|,|Cb-128| < [scenecut] gray_chroma_max); the cut detector then scores luma only; null for images"),
+    _f("no_clip_reason", pa.string(), "why a video gave 0 clips, null when it gave any: all_black, too_short "
+       "(shorter than min_clip_s plus both trims), damaged (salvaged pieces too short), mostly_black (fades and "
+       "black take half the frames or more), scenes_too_short (every scene, after trimming, under min_clip_s)"),
+    _f("damaged_frames", pa.list_(pa.list_(pa.int64())),
+       "[start, end) frame ranges (0-based, end exclusive) that did not decode cleanly and were salvaged around: "
+       "no clip covers them; empty when the whole video decoded; null in runs curated before it was recorded"),
     _f("damaged_frames", pa.list_(pa.list_(pa.int64())),
        "[start, end) frame ranges (0-based, end exclusive) that did not decode cleanly and were salvaged around: "
        "no clip covers them; empty when the whole video decoded; null in runs curated before it was recorded"),
@@ -58,8 +74,16 @@ CLIPS = pa.schema([
     _f("sharpness_median", pa.float32(), "median per-frame focus measure"),
     _f("motion_mean", pa.float32(), "mean optical-flow speed, pixels per second at 256 px longer side, sampled at ~2 fps; ~0 for a static shot"),
     _f("motion_max", pa.float32(), "largest per-pair mean flow speed (same units as motion_mean)"),
-    _f("overlay_score", pa.float32(), "static overlay evidence in [0,1]: edges that persist while the content changes (logos, channel bugs)"),
-    _f("overlay_box", pa.list_(pa.float32()), "[x0, y0, x1, y1] of the static overlay, as fractions of width/height; null when none"),
+    _f("overlay_score", pa.float32(), "static overlay evidence in [0,1] (logos, channel bugs, burned-in marks): the "
+       "stronger of overlay_clip_score and overlay_video_score; what the overlay_max threshold reads"),
+    _f("overlay_box", pa.list_(pa.float32()), "[x0, y0, x1, y1] of the static overlay behind overlay_score, as "
+       "fractions of width/height; null when there is no evidence (score < 0.05)"),
+    _f("overlay_clip_score", pa.float32(), "the clip's own overlay evidence: fine edges that persist in the frame "
+       "while its content changes"),
+    _f("overlay_video_score", pa.float32(), "the video's overlay evidence: edges that stay in place across its "
+       "different scenes (videos.overlay_score); null for a video with fewer than two distinct scenes"),
+    _f("overlay_video_box", pa.list_(pa.float32()), "[x0, y0, x1, y1] fractions of the video-level overlay; null "
+       "when there is none"),
     _f("text_area_max", pa.float32(), "largest share of one frame covered by detected text boxes (PP-OCRv4 "
        "detection, ~1 fps frames, no recognition): subtitles, captions, title cards, marks; ~0 on clean footage"),
     _f("text_area_mean", pa.float32(), "mean share of the frame covered by text boxes over the sampled frames"),

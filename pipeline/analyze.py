@@ -23,7 +23,7 @@ import numpy as np
 from pipeline import media
 from pipeline.scenecut import CutDetector, SceneCutConfig, clip_spans
 from pipeline.scoring.motion import motion
-from pipeline.scoring.overlay import static_overlay
+from pipeline.scoring.overlay import ClipMaps, Overlay, VideoOverlay, best_evidence, clip_overlay
 from pipeline.scoring.sharpness import sharpness
 from pipeline.settings import DecodeConfig, PrefilterConfig
 
@@ -46,6 +46,7 @@ class ClipResult:
     frames: np.ndarray | None       # (N, H, W, 3) uint8 frames for the model stages; None when prefiltered
     times: np.ndarray | None        # (N,) seconds from clip start
     preview: bytes | None = None    # clips.preview_jpeg, kept apart from the JSON record (binary)
+    overlay_maps: ClipMaps | None = None  # what the video-level overlay evidence needs of this clip
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,8 @@ def analyze_video(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
         elif item.reject is not None:
             return item
         else:
+            for c in clips:
+                apply_video_overlay(c.record, item.video, prefilter.overlay_max)
             return dataclasses.replace(item, clips=clips)
     raise AssertionError("iter_analyze ended without its VideoResult")
 
@@ -172,7 +175,7 @@ def iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, prefi
     ``max_clip_s`` pieces as it streams, so a one-shot hour holds what a few clips need.
     """
     try:
-        yield from _iter_analyze(uri, decode, scenecut, prefilter)
+        yield from _with_video_overlay(_iter_analyze(uri, decode, scenecut, prefilter))
     except Exception as err:  # noqa: BLE001 - one input's failure, whatever its class, stays that input's
         yield _reject(uri, None, "analyze", err)
 
@@ -347,11 +350,11 @@ def _video_result(uri, info, probe_s, decoder, n_decoded, cuts, detector_name, n
 def _score_clip(info, video_id, start, end, fps, frames, times, decode: DecodeConfig, prefilter: PrefilterConfig) -> ClipResult:
     sharp = sharpness(frames)
     if info.is_image:
-        mot = ovl = None
+        mot = ovl = maps = None
     else:
         msel = _every(times, decode.motion_fps)
         mot = motion(frames[msel], times[msel])
-        ovl = static_overlay(frames)
+        ovl, maps = clip_overlay(frames)
     rec: dict[str, Any] = {
         "clip_id": clip_id(video_id, start, end),
         "video_id": video_id,
@@ -367,6 +370,7 @@ def _score_clip(info, video_id, start, end, fps, frames, times, decode: DecodeCo
         "motion_max": None if mot is None else float(mot.max),
         "overlay_score": None if ovl is None else float(ovl.score),
         "overlay_box": None if ovl is None or ovl.box is None else [float(v) for v in ovl.box],
+        "overlay_clip_score": None if ovl is None else float(ovl.score),
         "models": {},
         "stage_versions": {"analyze": CPU_STAGE_VERSION},
     }
@@ -374,10 +378,36 @@ def _score_clip(info, video_id, start, end, fps, frames, times, decode: DecodeCo
     # Every clip, rejected ones too (the report shows both), from the frames already in hand: no second decode.
     preview = preview_jpeg(frames, times, rec["duration"])
     if rec["reject_reasons"]:
-        return ClipResult(rec, None, None, preview)
+        return ClipResult(rec, None, None, preview, maps)
     # Frames for the model stages: about model_fps, but enough for a captioner's frame budget.
     pick = _every(times, decode.model_fps)
     if len(pick) < decode.model_frames_max:
         pick = _evenly(np.arange(len(times)), decode.model_frames_max)
     pick = _evenly(pick, decode.model_frames_max)
-    return ClipResult(rec, np.ascontiguousarray(frames[pick]), times[pick].astype(np.float32), preview)
+    return ClipResult(rec, np.ascontiguousarray(frames[pick]), times[pick].astype(np.float32), preview, maps)
+
+
+def _with_video_overlay(items: Iterator[ClipResult | VideoResult]) -> Iterator[ClipResult | VideoResult]:
+    """Pass the stream on, pooling each clip's overlay maps; the video row gets the evidence across its scenes.
+
+    Clips leave before the video is whole, so their records carry only their own evidence here: the run's writer
+    (and ``analyze_video``) applies the video's with :func:`apply_video_overlay` once the video row arrives.
+    """
+    pooled = VideoOverlay()
+    for item in items:
+        if isinstance(item, ClipResult):
+            pooled.add(item.overlay_maps)
+        elif item.video is not None and not item.video.get("is_image"):
+            ovl = pooled.result()
+            item.video["overlay_score"] = None if ovl is None else float(ovl.score)
+            item.video["overlay_box"] = None if ovl is None or ovl.box is None else [float(v) for v in ovl.box]
+        yield item
+
+
+def apply_video_overlay(rec: dict[str, Any], video: dict[str, Any], overlay_max: float | None) -> dict[str, Any]:
+    """Give a clip record its video's overlay evidence (``overlay_video_*``) and make ``overlay_score``/``_box`` the
+    stronger of the clip's and the video's; a clip the video's evidence puts over ``overlay_max`` is dropped."""
+    v_score, v_box = video.get("overlay_score"), video.get("overlay_box")
+    rec["overlay_video_score"], rec["overlay_video_box"] = v_score, v_box
+    if rec.get("overlay_clip_score") is None:  # a still image, or a clip whose scoring failed
+        return rec

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from catalog import schema
-from pipeline.analyze import shown, uri_key
+from pipeline.analyze import apply_video_overlay, shown, uri_key
 from pipeline.settings import CurateConfig
 from pipeline.stages import ModelSources, analyze_row, get_stage
 
@@ -192,7 +192,9 @@ class PartWriter:
     """Collects rows as they stream out of Ray and writes an input's parts once all its rows have arrived."""
 
     def __init__(self, out: Path, run_id: str, scoring_hash: str, uris: dict[str, str],
-                 progress: Progress | None = None) -> None:
+                 progress: Progress | None = None, overlay_max: float | None = None) -> None:
+        # the [prefilter] cut the video-level overlay evidence is judged by when a video's clips are written
+        self.overlay_max = overlay_max
         self.parts = out / "_parts"
         self.run_id = run_id
         self.scoring_hash = scoring_hash
@@ -238,7 +240,9 @@ class PartWriter:
             _atomic_write_table(_rows_for("rejects", [p["reject"]], self.run_id), self.parts / "rejects" / f"{key}.parquet")
             status = f"rejected at {p['reject']['stage']}: {p['reject']['error_class']}: {p['reject']['message']}"
         else:
-            clips = sorted(p["clips"], key=lambda r: r["start_frame"])
+            # The video row comes last: only now is its overlay evidence across scenes known to its clips.
+            clips = sorted((apply_video_overlay(c, p["video"], self.overlay_max) for c in p["clips"]),
+                           key=lambda r: r["start_frame"])
             _atomic_write_table(_rows_for("clips", clips, self.run_id), self.parts / "clips" / f"{key}.parquet")
             _atomic_write_table(_rows_for("videos", [p["video"]], self.run_id), self.parts / "videos" / f"{key}.parquet")
             kept = sum(1 for c in clips if not c["reject_reasons"])
@@ -403,7 +407,7 @@ def curate(cfg: CurateConfig, *, limit: int | None = None, progress: Progress | 
     run_id = make_run_id(cfg, uris)
     scoring_hash = hashlib.sha256(_scoring_config(cfg).encode()).hexdigest()[:16]
     keys = {uri_key(u): u for u in uris}
-    writer = PartWriter(out, run_id, scoring_hash, keys, progress)
+    writer = PartWriter(out, run_id, scoring_hash, keys, progress, overlay_max=cfg.prefilter.overlay_max)
     todo = [u for u in uris if not writer.is_done(uri_key(u), u)]
     writer.total = len(todo)
     skip_counts = Counter(k.reason for k in skips)

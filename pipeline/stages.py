@@ -284,7 +284,8 @@ for _cls in (OCRStage, WatermarkStage, AestheticStage, CaptionStage, CaptionQASt
 ANALYZE_OUTPUTS = (
     "clip_id", "video_id", "start_frame", "end_frame", "start_s", "end_s", "frames", "duration", "fps",
     "width", "height", "is_image", "sharpness_min", "sharpness_median", "motion_mean", "motion_max",
-    "overlay_score", "overlay_box", "models", "stage_versions", "reject_reasons", "preview_jpeg",
+    "overlay_score", "overlay_box", "overlay_clip_score", "overlay_video_score", "overlay_video_box",
+    "models", "stage_versions", "reject_reasons", "preview_jpeg",
 )
 
 

@@ -115,3 +115,131 @@ def test_real_footage_with_a_logo_added_scores_higher_and_is_boxed(media_dir, na
     assert marked.score > clean.score, (clean, marked)
     assert marked.box is not None and iou(marked.box, truth_box()) >= 0.4, marked
     assert clean.score < 0.35, clean
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Across shots: the development set of real footage with translucent marks (tests/pipeline/devset_logos.py)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/pipeline: the dev-set builders
+import devset_logos as dl  # noqa: E402
+
+from pipeline.scoring.overlay import VideoOverlay, best_evidence, clip_overlay  # noqa: E402
+from pipeline.settings import PrefilterConfig  # noqa: E402
+
+
+def _score_video(video: dl.LogoVideo) -> tuple[list[Overlay], Overlay | None, int]:
+    """Each shot scored as the CPU stage scores a clip (~4 fps), then the video's evidence; best per clip."""
+    pooled, own = VideoOverlay(), []
+    for shot in video.shots:
+        o, maps = clip_overlay(dl.analysis_frames(shot))
+        pooled.add(maps)
+        own.append(o)
+    vid = pooled.result()
+    return [best_evidence(o, vid) for o in own], vid, pooled.scenes
+
+
+@pytest.fixture(scope="module", params=["tune", "check"])
+def logo_devset(request, media_dir) -> tuple[str, list[tuple[dl.LogoVideo, list[Overlay], Overlay | None, int]]]:
+    vids = dl.logo_videos(media_dir, request.param)
+    return request.param, [(v, *_score_video(v)) for v in vids]
+
+
+@pytest.mark.slow
+@pytest.mark.media
+def test_marks_across_cuts_are_found_and_boxed_on_every_clip(logo_devset) -> None:
+    """Multi-shot dev videos (real shots joined with hard cuts, one translucent mark through all of them): every
+    clip of a marked video is dropped by the default cut and boxed on the mark; no clean clip is dropped.
+    Figures (both parts): ROC AUC 1.0; marked clips dropped 14/14; clean 0/14; box IoU 0.50-0.80 (tune), 0.63-0.80
+    (check); the video-level evidence is 0.72-1.0 on marked videos and <= 0.13 on clean ones."""
+    split, scored = logo_devset
+    cut = PrefilterConfig().overlay_max
+    pos, neg, ious = [], [], []
+    for v, best, vid, scenes in scored:
+        if len(v.shots) < 2 or "static-pieces" in v.name:
+            continue
+        assert scenes == len(v.shots), (v.name, scenes)  # different scenes stay apart
+        for b in best:
+            (pos if v.box else neg).append(b.score)
+            if v.box:
+                ious.append(dl.iou(b.box, v.box) if b.box else 0.0)
+    print(f"{split}: multi-shot AUC {dl.roc_auc(pos, neg):.3f}, marked dropped {np.mean(np.array(pos) > cut):.2f}, "
+          f"clean dropped {np.mean(np.array(neg) > cut):.2f}, IoU min {min(ious):.2f} median {np.median(ious):.2f}")
+    assert dl.roc_auc(pos, neg) >= 0.95
+    assert np.mean(np.array(pos) > cut) >= 0.9 and np.mean(np.array(neg) > cut) <= 0.1
+    assert np.mean(np.array(ious) >= 0.5) >= 0.9, ious
+
+
+@pytest.mark.slow
+@pytest.mark.media
+def test_static_camera_cut_into_clips_is_one_scene_and_not_flagged(logo_devset) -> None:
+    """A locked-off camera cut into clips repeats its background in every clip: that is one scene, no evidence
+    across shots, and the clean version is not flagged; nor is any clean single-shot video."""
+    _, scored = logo_devset
+    cut = PrefilterConfig().overlay_max
+    for v, best, vid, scenes in scored:
+        if "static-pieces" in v.name:
+            assert scenes == 1 and vid is None, (v.name, scenes, vid)
+        if v.box is None:
+            assert all(b.score <= cut for b in best), (v.name, best)
+
+
+@pytest.mark.slow
+@pytest.mark.media
+def test_whole_dev_set_figures(logo_devset) -> None:
+    """All clips, single shots included (where only the clip's own persistence can tell). Measured: tune AUC 0.99,
+    marked dropped 0.80, clean 0.00; check AUC 0.75, marked dropped 0.70, clean 0.00 (the single-shot film,
+    handheld and tripod-room marks and the static bottle pieces score ~0: the clip scorer's blind spots)."""
+    split, scored = logo_devset
+    pos = [b.score for v, best, _, _ in scored if v.box for b in best]
+    neg = [b.score for v, best, _, _ in scored if not v.box for b in best]
+    auc = dl.roc_auc(pos, neg)
+    print(f"{split}: all clips AUC {auc:.3f}, marked dropped {np.mean(np.array(pos) > 0.5):.2f}, "
+          f"clean dropped {np.mean(np.array(neg) > 0.5):.2f}")
+    assert auc >= {"tune": 0.95, "check": 0.7}[split]
+    assert np.mean(np.array(neg) > 0.5) == 0.0
+
+
+def test_no_box_without_evidence() -> None:
+    o = static_overlay(static(1, noise=3.0)[::2])
+    assert o.score < 0.05 and o.box is None, o
+    assert static_overlay(LOGO_FREE["noise"]()[::2]).box is None
+
+
+@pytest.mark.media
+def test_curation_gives_every_clip_its_videos_evidence(media_dir, tmp_path) -> None:
+    """Through the CPU stage on an encoded file: a mark across four real shots puts the video-level score and box on
+    every clip (dropped as static_overlay) and on the video row; the clean file's clips keep their own evidence."""
+    import av
+
+    from pipeline.analyze import analyze_video
+    from pipeline.scenecut import SceneCutConfig
+    from pipeline.settings import DecodeConfig
+
+    # Shots of 3 s: a clip keeps 2 s after the 0.25 s trims at both ends.
+    shots = [dl.source(media_dir, name, start, 90) for name, start in
+             (("friday.mp4", 10), ("one-by-one-person-detection.mp4", 700), ("flower.webm", 30), ("again.mkv", 0))]
+    mark = dl.random_mark(np.random.default_rng(7), "bug")
+    clean = dl.LogoVideo("clean", shots)
+    marked = dl.LogoVideo("marked", *dl.composite(shots, mark), mark)
+    results = {}
+    for v in (clean, marked):
+        path = tmp_path / f"{v.name.replace('/', '-')}.mp4"
+        with av.open(str(path), "w") as out:
+            st = out.add_stream("libx264", rate=30, options={"crf": "18"})
+            st.width, st.height, st.pix_fmt, st.thread_count = 320, 180, "yuv420p", 1
+            for f in np.concatenate(v.shots):
+                out.mux(st.encode(av.VideoFrame.from_ndarray(f, format="rgb24")))
+            out.mux(st.encode())
+        results[v.box is not None] = analyze_video(str(path), DecodeConfig(), SceneCutConfig(), PrefilterConfig())
+    res = results[True]
+    assert res.video["overlay_score"] > 0.5 and iou(res.video["overlay_box"], marked.box) >= 0.5, res.video
+    assert len(res.clips) >= 3
+    for c in res.clips:
+        r = c.record
+        assert r["overlay_video_score"] == res.video["overlay_score"]
+        assert r["overlay_score"] == max(r["overlay_clip_score"], r["overlay_video_score"])
+        assert iou(r["overlay_box"], marked.box) >= 0.5 and "static_overlay" in r["reject_reasons"], r
+    for c in results[False].clips:
+        r = c.record
+        assert r["overlay_score"] == r["overlay_clip_score"] < 0.5 and "static_overlay" not in r["reject_reasons"], r
+        assert (r["overlay_box"] is None) == (r["overlay_score"] < 0.05), r
