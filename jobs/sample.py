@@ -27,6 +27,14 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default 6; 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--fps", type=int, default=0, help="frame rate of the mp4 and, for a model with fps_conditioning, "
+                   "the rate asked for (default: the stage's [sample] fps)")
+    p.add_argument("--schedule", choices=("constant", "dynamic_cosine", "oscillating"), default=None,
+                   help="guidance weight schedule (default: the stage's [sample] guidance)")
+    p.add_argument("--motion-guidance", type=float, default=None,
+                   help="GenTron's lambda_M for a model trained with p_motion_free (0 = off; default: the stage's)")
+    p.add_argument("--dynamic-threshold", type=float, default=None,
+                   help="percentile of dynamic thresholding of x0, e.g. 0.95 (0 = off; default: the stage's)")
     p.add_argument("--weights", choices=("ema", "model"), default="ema", help="which weights (default ema)")
     p.add_argument("--output", default="samples", help="output folder (default ./samples)")
     p.add_argument("--device", default="", help="torch device (default: cuda if available, else cpu)")
@@ -38,6 +46,8 @@ def parse_args(argv: list[str] | None):
             p.error(f"--{name}: expected a multiple of 16, got {getattr(args, name)}")
     if args.steps < 1:
         p.error(f"--steps: expected >= 1, got {args.steps}")
+    if args.fps < 0:
+        p.error(f"--fps: expected >= 1 (or 0 for the stage's), got {args.fps}")
     if not Path(args.checkpoint).exists():
         p.error(f"--checkpoint {args.checkpoint}: no such folder")
     return args
@@ -47,6 +57,8 @@ def parse_args(argv: list[str] | None):
 def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     args = parse_args(argv)
+    import dataclasses
+
     import torch
 
     from catalog.config import from_dict
@@ -57,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         folder, state = load_init(args.checkpoint)
         stage = from_dict(DiTStageConfig, dict(state["config"]), where="checkpoint config")
+        overrides = {"guidance_scale": args.guidance, "guidance": args.schedule,
+                     "motion_guidance": args.motion_guidance, "dynamic_threshold": args.dynamic_threshold,
+                     "fps": args.fps or None}
+        sample_cfg = dataclasses.replace(stage.sample, **{k: v for k, v in overrides.items() if v is not None})
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise _cli.UsageError(f"--checkpoint {args.checkpoint}: expected a DiT stage checkpoint: {err}") from None
     _, height, width = stage.sample_shape()
@@ -65,11 +81,14 @@ def main(argv: list[str] | None = None) -> int:
     sampler = Sampler.from_checkpoint(folder, device=device, weights=args.weights)
     try:
         videos = sampler.generate(args.prompt, frames=args.frames, height=height, width=width, steps=args.steps,
-                                  guidance_scale=args.guidance, seed=args.seed)
+                                  guidance_scale=args.guidance, seed=args.seed, guidance=sample_cfg.guidance_config(),
+                                  fps=sample_cfg.fps)
     except ValueError as err:  # a size the VAE and patches cannot take
         raise _cli.UsageError(str(err)) from None
-    paths = write_samples(args.output, int(state["step"]), videos, args.prompt, fps=stage.sample.fps, info={
+    paths = write_samples(args.output, int(state["step"]), videos, args.prompt, fps=sample_cfg.fps, info={
         "checkpoint": str(folder), "steps": args.steps, "guidance_scale": args.guidance, "seed": args.seed,
+        "guidance": sample_cfg.guidance, "motion_guidance": sample_cfg.motion_guidance,
+        "dynamic_threshold": sample_cfg.dynamic_threshold, "fps": sample_cfg.fps,
         "weights": args.weights, "text_encoder": sampler.encoder.describe()})
     _cli.summary_table(f"sampled {folder}", [
         ("prompts", len(args.prompt)), ("shape", f"{args.frames}x{height}x{width}"),

@@ -5,6 +5,7 @@ Uses the session's tiny VAE, stand-in T5 and synthetic shards (``dit_assets``, t
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,17 @@ def test_motion_free_pseudo_videos_and_fps_train_and_sample_from_the_checkpoint(
     video = sampler.generate(["a cat on a table"], frames=9, height=32, width=32, steps=2, fps=24,
                              guidance=cfg.sample.guidance_config())[0]
     assert video.shape == (9, 32, 32, 3)
+    # the sample command takes the same options
+    from jobs.sample import main as sample_job
+
+    out = tmp_path / "samples"
+    assert sample_job(["--checkpoint", str(tmp_path / "run"), "--prompt", "a cat", "--frames", "9", "--steps", "2",
+                       "--schedule", "dynamic_cosine", "--motion-guidance", "1.1", "--fps", "24",
+                       "--output", str(out)]) == 0
+    meta = json.loads(next(out.glob("samples_step*.json")).read_text())
+    assert (meta["guidance"], meta["motion_guidance"], meta["fps"]) == ("dynamic_cosine", 1.1, 24)
+    assert sample_job(["--checkpoint", str(tmp_path / "run"), "--prompt", "a cat", "--frames", "9",
+                       "--dynamic-threshold", "1.5", "--output", str(tmp_path / "bad")]) == 2
 
 
 def test_step_conditioning_gives_images_the_image_fps(dit_assets) -> None:
