@@ -41,7 +41,8 @@ import numpy as np
 MANIFEST = "manifest.json"
 # Bump when the bytes written for the same clip and config change (encoder settings, json layout, manifest).
 # 2: one encoder for every writer (x264 mbtree off), manifest checked on read.
-SHARDS_VERSION = "2"
+# 3: every shard entry carries its sha256; the manifest is written (and fsynced) after the last tar.
+SHARDS_VERSION = "3"
 
 # Sample members (WebDataset keys: the member name after the sample key's '.').
 VIDEO_KEY = "mp4"
@@ -63,6 +64,7 @@ META_FIELDS = ("clip_id", "video_id", "span", "fps", "frames", "bucket", "scores
 _BUCKET_DIR = re.compile(r"^\d+x\d+x\d+$")
 _SHARD_NAME = re.compile(r"^shard-\d{6}\.tar$")
 _TMP_NAME = re.compile(r"^\.shard-\d{6}\.tar\.tmp$")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 # mbtree off: its SIMD code reads uninitialised memory here, so even single-threaded x264 gave
 # different bytes run to run on smooth (defocused) content whenever the heap held other garbage.
@@ -79,6 +81,11 @@ class SampleShapeError(RuntimeError):
 
 class ManifestError(ValueError):
     """A manifest.json is not in the format ``make_manifest`` writes."""
+
+
+class IncompleteShardsError(FileNotFoundError):
+    """A shard folder without a complete manifest (a killed or unfinished shard job): the message names what is
+    missing."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -343,6 +350,15 @@ class ShardInfo:
     bucket: str
     samples: int
     bytes: int
+    sha256: str  # of the whole tar, hex
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def tar_member(name: str, data: bytes) -> tuple[tarfile.TarInfo, io.BytesIO]:
@@ -409,8 +425,9 @@ class BucketTarWriter:
         tmp, final = self._tmp_path(index), self._final_path(index)
         with tmp.open("rb+") as fh:
             os.fsync(fh.fileno())  # the bytes reach the disk before the name says the tar is complete
+        sha = file_sha256(tmp)  # read back from the page cache: the hash of what the disk holds
         os.replace(tmp, final)
-        self.done.append(ShardInfo(f"{self.bucket}/{final.name}", self.bucket, self._count, final.stat().st_size))
+        self.done.append(ShardInfo(f"{self.bucket}/{final.name}", self.bucket, self._count, final.stat().st_size, sha))
         self._tar = None
 
 
@@ -419,7 +436,8 @@ class BucketTarWriter:
 #
 #   {"version": SHARDS_VERSION, "samples": N, "shards": N,
 #    "buckets": {"17x256x256": {"frames": 17, "height": 256, "width": 256, "fps": 8.0, "samples": N,
-#                               "shards": [{"shard": "17x256x256/shard-000000.tar", "samples": N, "bytes": N}]}},
+#                               "shards": [{"shard": "17x256x256/shard-000000.tar", "samples": N, "bytes": N,
+#                                           "sha256": "<hex>"}]}},
 #    ... writer-specific fields (the pipeline adds selection_hash, where, configs, skipped, errors)}
 
 
@@ -433,7 +451,8 @@ def make_manifest(infos: Iterable[ShardInfo], buckets: Mapping[str, Bucket], **f
             "frames": b.frames, "height": b.height, "width": b.width, "fps": b.fps, "samples": 0, "shards": [],
         })
         entry["samples"] += info.samples
-        entry["shards"].append({"shard": info.shard, "samples": info.samples, "bytes": info.bytes})
+        entry["shards"].append({"shard": info.shard, "samples": info.samples, "bytes": info.bytes,
+                                "sha256": info.sha256})
     clash = sorted(set(fields) & {"version", "samples", "shards", "buckets"})
     if clash:
         raise ValueError(f"make_manifest: {clash} are written by the format itself")
@@ -456,6 +475,9 @@ def check_manifest(manifest: Any, where: str = MANIFEST) -> None:
     for key, kind in (("version", str), ("samples", int), ("shards", int), ("buckets", dict)):
         if not isinstance(manifest.get(key), kind):
             raise ManifestError(f"{where}: expected {key!r} ({kind.__name__}), got {manifest.get(key)!r}")
+    if manifest["version"] != SHARDS_VERSION:
+        raise ManifestError(f"{where}: shards in format version {manifest['version']} (this reader reads version "
+                            f"{SHARDS_VERSION}); rebuild them with python -m jobs.shards --overwrite")
     samples = shards = 0
     for name, b in manifest["buckets"].items():
         try:
@@ -469,9 +491,10 @@ def check_manifest(manifest: Any, where: str = MANIFEST) -> None:
                                 f" {b.get('width')} do not match its name")
         for s in b["shards"]:
             if not (isinstance(s, dict) and isinstance(s.get("shard"), str) and s["shard"].startswith(f"{name}/")
-                    and isinstance(s.get("samples"), int) and isinstance(s.get("bytes"), int)):
-                raise ManifestError(f"{where}: bucket {name}: expected shard entries"
-                                    f" {{'shard': '{name}/shard-NNNNNN.tar', 'samples': int, 'bytes': int}}, got {s!r}")
+                    and isinstance(s.get("samples"), int) and isinstance(s.get("bytes"), int)
+                    and isinstance(s.get("sha256"), str) and _SHA256.match(s["sha256"])):
+                raise ManifestError(f"{where}: bucket {name}: expected shard entries {{'shard': "
+                                    f"'{name}/shard-NNNNNN.tar', 'samples': int, 'bytes': int, 'sha256': hex}}, got {s!r}")
         if sum(s["samples"] for s in b["shards"]) != b.get("samples"):
             raise ManifestError(f"{where}: bucket {name}: 'samples' {b.get('samples')} is not the sum over its shards")
         samples += b["samples"]
@@ -482,11 +505,15 @@ def check_manifest(manifest: Any, where: str = MANIFEST) -> None:
 
 
 def write_manifest(out_dir: str | Path, manifest: Mapping[str, Any]) -> Path:
-    """Write ``manifest.json`` atomically (temporary name, then rename)."""
+    """Write ``manifest.json`` atomically (temporary name, fsync, rename). Writers call it after the last tar is
+    renamed: a folder with a manifest is complete, one without is a job that did not finish."""
     check_manifest(manifest)
     path = Path(out_dir) / MANIFEST
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+    with tmp.open("w") as fh:
+        fh.write(json.dumps(manifest, indent=2, sort_keys=True, default=str))
+        fh.flush()
+        os.fsync(fh.fileno())
     os.replace(tmp, path)
     return path
 
@@ -512,3 +539,91 @@ def manifest_is_complete(manifest: Mapping[str, Any], out_dir: str | Path) -> bo
             if not path.is_file() or path.stat().st_size != s["bytes"]:
                 return False
     return True
+
+
+def manifest_version(out_dir: str | Path) -> str | None:
+    """The ``version`` a folder's manifest.json claims, read without checking the rest (None: no readable one)."""
+    try:
+        raw = json.loads((Path(out_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    version = raw.get("version") if isinstance(raw, dict) else None
+    return version if isinstance(version, str) else None
+
+
+def missing_pieces(out_dir: str | Path, buckets: Iterable[str] | None = None) -> list[str]:
+    """What keeps ``out_dir`` from being a complete shard folder for ``buckets`` (every bucket of its manifest when
+    None), one line each: no manifest (or an unreadable one), a bucket the manifest lacks, a listed tar missing or
+    of another size, a tar on disk the manifest does not list, a temporary of an unfinished write. Empty: complete.
+
+    Sizes only (a stat per tar); ``corrupt_shards`` compares the hashes.
+    """
+    root = Path(out_dir)
+    wanted = None if buckets is None else list(buckets)
+    try:
+        manifest = read_manifest(root)
+    except ManifestError as err:
+        return [str(err)]
+    if manifest is None:
+        on_disk = _tars_on_disk(root, wanted)
+        held = ", ".join(f"{b}: {len(t)} tar(s)" for b, t in sorted(on_disk.items())) or "no tars"
+        return [f"{root / MANIFEST} is missing: the shard job did not finish (it writes the manifest after the last"
+                f" tar); the folder holds {held}"]
+    problems = []
+    for bucket in sorted(manifest["buckets"]) if wanted is None else wanted:
+        entry = manifest["buckets"].get(bucket)
+        if entry is None:
+            problems.append(f"bucket {bucket}: not in {root / MANIFEST} (it lists {sorted(manifest['buckets'])})")
+            continue
+        listed = set()
+        for s in entry["shards"]:
+            listed.add(s["shard"])
+            path = root / s["shard"]
+            if not path.is_file():
+                problems.append(f"shard {s['shard']}: listed in the manifest ({s['samples']} samples), missing on disk")
+            elif path.stat().st_size != s["bytes"]:
+                problems.append(f"shard {s['shard']}: {path.stat().st_size} bytes on disk, the manifest says "
+                                f"{s['bytes']} (truncated or rewritten)")
+        extra = sorted(set(_tars_on_disk(root, [bucket]).get(bucket, [])) - listed)
+        if extra:
+            problems.append(f"bucket {bucket}: tars the manifest does not list: {extra}")
+        if (root / bucket).is_dir():
+            tmp = sorted(p.name for p in (root / bucket).iterdir() if is_tmp_shard_name(p.name))
+            if tmp:
+                problems.append(f"bucket {bucket}: unfinished tars {tmp} (a shard job is writing or was killed)")
+    return problems
+
+
+def complete_shards(out_dir: str | Path, bucket: str) -> list[str]:
+    """The tar paths a complete manifest lists for ``bucket``, in order (``missing_pieces`` says whether it is)."""
+    manifest = read_manifest(out_dir)
+    if manifest is None or bucket not in manifest["buckets"]:
+        raise IncompleteShardsError(f"bucket {bucket}: not in {Path(out_dir) / MANIFEST}")
+    return [str(Path(out_dir) / s["shard"]) for s in manifest["buckets"][bucket]["shards"]]
+
+
+def corrupt_shards(out_dir: str | Path, buckets: Iterable[str] | None = None) -> list[str]:
+    """Listed tars whose sha256 differs from the manifest's, one line each (reads every byte of every tar)."""
+    manifest = read_manifest(out_dir)
+    if manifest is None:
+        return [f"{Path(out_dir) / MANIFEST} is missing"]
+    bad = []
+    for bucket in sorted(manifest["buckets"]) if buckets is None else buckets:
+        for s in manifest["buckets"].get(bucket, {}).get("shards", []):
+            path = Path(out_dir) / s["shard"]
+            if path.is_file() and file_sha256(path) != s["sha256"]:
+                bad.append(f"shard {s['shard']}: sha256 differs from the manifest's (the tar changed after it was written)")
+    return bad
+
+
+def _tars_on_disk(root: Path, buckets: list[str] | None) -> dict[str, list[str]]:
+    """{bucket: ["<bucket>/shard-NNNNNN.tar", ...]} of the complete-named tars under ``root``."""
+    out: dict[str, list[str]] = {}
+    if not root.is_dir():
+        return out
+    for sub in sorted(root.iterdir()):
+        if sub.is_dir() and is_bucket_dir(sub.name) and (buckets is None or sub.name in buckets):
+            tars = sorted(f"{sub.name}/{p.name}" for p in sub.iterdir() if is_shard_name(p.name))
+            if tars:
+                out[sub.name] = tars
+    return out

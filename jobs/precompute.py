@@ -162,7 +162,7 @@ class ShardEncoder:
     def __call__(self, batch: dict[str, Any]) -> dict[str, list]:
         results = [encode_shard(str(rel), self.src, self.out, self.vae, self.text, self.cfg.data.batch_size)
                    for rel in batch["shard"]]
-        return {k: [r[k] for r in results] for k in ("shard", "samples", "bytes", "errors", "seconds")}
+        return {k: [r[k] for r in results] for k in ("shard", "samples", "bytes", "sha256", "errors", "seconds")}
 
 
 def _read_samples(url: str):
@@ -219,12 +219,12 @@ def encode_shard(rel: str, src: Path, out: Path, vae: Any, text: Any, batch_size
     except BaseException:
         writer.abort()
         raise
-    result = {"shard": rel, "samples": sum(d.samples for d in done), "bytes": 0,
+    result = {"shard": rel, "samples": sum(d.samples for d in done), "bytes": 0, "sha256": "",
               "errors": json.dumps(errors), "seconds": time.perf_counter() - t0}
     final = out / rel
     final.parent.mkdir(parents=True, exist_ok=True)
     if done:
-        result["bytes"] = done[0].bytes
+        result["bytes"], result["sha256"] = done[0].bytes, done[0].sha256
     # The result file first, then the tar's final name: a tar under its final name always has its result.
     _write_json(out / STATE_DIR / "done" / f"{rel.replace('/', '_')}.json", result)
     if done:
@@ -327,7 +327,7 @@ def run_precompute(cfg: PrecomputeConfig, *, overwrite: bool = False,
             num_cpus=cfg.ray.cpus_per_actor, num_gpus=cfg.ray.gpus_per_actor or None,
         )
         for row in ds.iter_rows():
-            result = {k: row[k] for k in ("shard", "samples", "bytes", "errors", "seconds")}
+            result = {k: row[k] for k in ("shard", "samples", "bytes", "sha256", "errors", "seconds")}
             result["samples"], result["bytes"] = int(result["samples"]), int(result["bytes"])
             results[result["shard"]] = result
             encoded_samples += result["samples"]
@@ -340,7 +340,9 @@ def run_precompute(cfg: PrecomputeConfig, *, overwrite: bool = False,
         r = results[rel]
         errors += [{"shard": rel} | e for e in json.loads(r["errors"])]
         if r["samples"]:
-            infos.append(ShardInfo(rel, rel.split("/")[0], r["samples"], r["bytes"]))
+            # A result file of an older attempt has no sha256: hash the tar it left.
+            sha = r.get("sha256") or file_sha256(out / rel)
+            infos.append(ShardInfo(rel, rel.split("/")[0], r["samples"], r["bytes"], sha))
     shapes = {b: Bucket(*parse_bucket(b), float(manifest_in["buckets"][b]["fps"])) for b in buckets}
     latent_scale_file = Path(vae_folder) / "latent_scale.json"
     standin = standin_description(cfg.text.model) if Path(cfg.text.model).is_dir() else None

@@ -8,8 +8,9 @@ One sample per selected clip, in the bucket ``pipeline.buckets`` chose for it:
   then decode what was encoded and check it is exactly F×H×W. A mismatch or an unreadable
   source becomes an error row, never a bad sample.
 - ``build_shards``: plan, render (through the caller's ``render_many``, e.g. Ray), write with
-  ``catalog.shards.BucketTarWriter``, and finally write the manifest (``catalog.shards.make_manifest``
-  plus the selection hash that makes a re-run of the same selection into the same output a no-op).
+  ``catalog.shards.BucketTarWriter``, and last of all write the manifest (``catalog.shards.make_manifest``:
+  every tar's samples, size and sha256, plus the selection hash that makes a re-run of the same selection
+  into the same output a no-op). Until then the folder has no manifest, and readers refuse it.
 
 The format itself (layout, sample keys, manifest, tar writer, the H.264 encoder and the decoders) is
 ``catalog.shards``, the contract the trainer reads by; this module only decides what goes in.
@@ -42,6 +43,7 @@ from catalog.shards import (
     is_tmp_shard_name,
     make_manifest,
     manifest_is_complete,
+    manifest_version,
     read_manifest,
     sample_files,
     sample_key,
@@ -303,10 +305,14 @@ def build_shards(
         old = read_manifest(out_dir)
     except ManifestError as err:
         if not overwrite:
+            version = manifest_version(out_dir)
+            if version is not None and version != SHARDS_VERSION:
+                held = f"shards in format version {version} (this writer writes version {SHARDS_VERSION})"
+            else:
+                held = f"a manifest this writer cannot read ({err})"
             raise OutputConflictError(
-                f"{out_dir} holds a manifest this writer cannot read ({err}); expected an empty folder or"
-                " shards of the same selection. Replace them with overwrite=True (jobs.shards --overwrite)"
-                " or pick another output."
+                f"{out_dir} holds {held}; expected an empty folder or shards of the same selection. Replace them"
+                " with overwrite=True (jobs.shards --overwrite) or pick another output."
             ) from err
         old = None
     if old is not None and old.get("selection_hash") == digest and manifest_is_complete(old, out_dir):
@@ -321,7 +327,9 @@ def build_shards(
             f"{out_dir} holds {held}; expected an empty folder or the same selection. Replace them with"
             " overwrite=True (jobs.shards --overwrite) or pick another output."
         )
-    (out_dir / MANIFEST).unlink(missing_ok=True)  # the old manifest no longer describes the folder
+    # The old manifest goes first and the new one is written after the last tar: a folder that has a manifest is
+    # complete, and a killed run leaves none (the trainer refuses such a folder, naming what is missing).
+    (out_dir / MANIFEST).unlink(missing_ok=True)
     clean_output(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 

@@ -9,12 +9,20 @@ on the same step. Each bucket is an endless stream (epoch after epoch, shard ord
 epoch from the seed) split across ranks sample by sample. The data position is the number of
 batches each bucket has given, which is all a resume needs: the stream is rebuilt and skips that
 many samples before decoding anything.
+
+Only complete shard folders are read: the shard writers put ``manifest.json`` (every tar's samples, size and
+sha256) down after their last tar, so a folder without one, or whose tars are missing or of another size than it
+lists, is a job that did not finish; ``dataset_shards`` refuses it naming the missing pieces, before any model is
+built, unless ``allow_partial = true`` in ``[data]``. A tar that fails to read while training stops the run with
+``ShardReadError`` naming the tar and the reader's own error.
 """
 from __future__ import annotations
 
 import itertools
 import math
 import random
+import re
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +34,18 @@ import webdataset as wds
 
 from catalog.shards import (
     LATENT_KEY,
+    MANIFEST,
     TEXT_KEY,
     TEXT_MASK_KEY,
+    IncompleteShardsError,
+    ManifestError,
     bucket_shards,
+    complete_shards,
     decode_array,
     decode_pixels,
     encode_array,
+    file_sha256,
+    missing_pieces,
     parse_bucket,
     read_manifest,
 )
@@ -55,6 +69,9 @@ class DataConfig:
     """Bucket of the held-out shards to evaluate on."""
     heldout_samples: int = 4
     """How many held-out samples to evaluate (split across ranks)."""
+    allow_partial: bool = False
+    """Train on a shard folder without a complete manifest (a killed shard job's tars), with a warning; off, such a
+    folder is refused naming what is missing."""
 
     def __post_init__(self) -> None:
         if not (len(self.buckets) == len(self.weights) == len(self.batch_sizes)):
@@ -70,6 +87,82 @@ class DataConfig:
             raise ValueError(f"DataConfig.batch_sizes: expected >= 1 each, got {self.batch_sizes}")
         if self.heldout_root and not self.heldout_bucket:
             raise ValueError("DataConfig: heldout_root is set but heldout_bucket is empty")
+
+
+# ---------------------------------------------------------------------------------------------
+# Complete shard folders only; read errors name the tar
+# ---------------------------------------------------------------------------------------------
+
+
+class PartialDataWarning(UserWarning):
+    """Training on an incomplete shard folder because ``allow_partial = true``."""
+
+
+class ShardReadError(RuntimeError):
+    """A tar could not be read (truncated, corrupt, unreadable): the message names it and the reader's error.
+
+    Holds only its message, so it crosses DataLoader workers and Ray Train intact (webdataset's own exception
+    carries the open file, which cannot be pickled).
+    """
+
+
+def dataset_shards(root: str, buckets: Iterable[str], *, allow_partial: bool) -> dict[str, list[str]]:
+    """{bucket: tar paths} to read: those ``root``'s complete manifest lists. A folder whose manifest is missing
+    or incomplete (``catalog.shards.missing_pieces``: sizes checked) raises ``IncompleteShardsError`` naming every
+    missing piece, unless ``allow_partial``: then it warns and reads the complete-named tars on disk."""
+    buckets = list(buckets)
+    problems = missing_pieces(root, buckets)
+    if problems and not allow_partial:
+        raise IncompleteShardsError(
+            f"shard folder {root} is incomplete: {'; '.join(problems)}. Rebuild it (python -m jobs.shards), or set "
+            "allow_partial = true in [data] to train on the tars that are there"
+        )
+    if problems:
+        warnings.warn(f"training on the incomplete shard folder {root} (allow_partial): {'; '.join(problems)}",
+                      PartialDataWarning, stacklevel=2)
+        return {b: bucket_shards(root, b) for b in buckets}
+    return {b: complete_shards(root, b) for b in buckets}
+
+
+def _listed(url: str) -> dict[str, Any] | None:
+    """The manifest entry of a tar path, if its folder's manifest lists it."""
+    path = Path(url)
+    try:
+        manifest = read_manifest(path.parent.parent)
+    except ManifestError:
+        return None
+    entry = (manifest or {}).get("buckets", {}).get(path.parent.name, {})
+    rel = f"{path.parent.name}/{path.name}"
+    return next((s for s in entry.get("shards", []) if s["shard"] == rel), None)
+
+
+def _shard_error(exn: BaseException) -> bool:
+    """webdataset handler: re-raise a tar's read error as ``ShardReadError`` naming the tar and what its manifest
+    says of it (size, sha256)."""
+    # webdataset appends (stream, url) to the error's args and names the stream in the message.
+    named = [a for a in exn.args[1:] if isinstance(a, str)]
+    url = named[-1] if named else None
+    if url is None:
+        # The member reader's call: webdataset hands the error on to the tar and url level, which names the url.
+        raise exn
+    first = exn.args[0] if exn.args and isinstance(exn.args[0], str) else str(exn)
+    detail = re.sub(r" @ <_io\.\w+ name=.*?>", "", first)
+    where = ""
+    if url and Path(url).is_file():
+        size, entry = Path(url).stat().st_size, _listed(url)
+        if entry is None:
+            where = f" ({size} bytes; not listed in a {MANIFEST})"
+        elif entry["bytes"] != size:
+            where = f" ({size} bytes on disk, its manifest says {entry['bytes']}: truncated or rewritten)"
+        elif file_sha256(url) != entry["sha256"]:
+            where = f" ({size} bytes as its manifest says, but its sha256 differs: the tar is corrupt)"
+        else:
+            where = " (size and sha256 as its manifest says)"
+    raise ShardReadError(f"shard {url}{where}: {type(exn).__name__}: {detail}") from None
+
+
+def _samples_of_tars():
+    return wds.tarfile_to_samples(handler=_shard_error)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -145,7 +238,7 @@ def bucket_pipeline(
     """Endless batches (B, 3, F, H, W) of one bucket for one rank, after skipping ``skip_samples``."""
     return wds.DataPipeline(
         _endless_shards(urls, seed, shardshuffle),
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        _samples_of_tars(),
         _take_rank(rank, world_size),
         _skip(skip_samples),
         wds.map(lambda s: decode_sample(s, bucket)),
@@ -171,13 +264,14 @@ class BucketBatches:
         self.world_size = world_size
         self.position = {b: 0 for b in cfg.buckets} | dict(position or {})
         self._streams: dict[str, Iterator[torch.Tensor]] = {}
+        self.urls = dataset_shards(cfg.root, cfg.buckets, allow_partial=cfg.allow_partial)  # before any step
 
     def _stream(self, i: int) -> Iterator[torch.Tensor]:
         bucket = self.cfg.buckets[i]
         if bucket not in self._streams:
             bs = self.cfg.batch_sizes[i]
             pipe = bucket_pipeline(
-                bucket_shards(self.cfg.root, bucket), bucket, batch_size=bs, seed=self.seed + i,
+                self.urls[bucket], bucket, batch_size=bs, seed=self.seed + i,
                 shardshuffle=self.cfg.shardshuffle, rank=self.rank, world_size=self.world_size,
                 skip_samples=self.position[bucket] * bs,
             )
@@ -197,10 +291,10 @@ def heldout_clips(cfg: DataConfig, *, rank: int, world_size: int) -> list[torch.
     """This rank's share of the first ``heldout_samples`` held-out samples, each (3, F, H, W)."""
     if not cfg.heldout_root:
         return []
-    urls = bucket_shards(cfg.heldout_root, cfg.heldout_bucket)
+    urls = dataset_shards(cfg.heldout_root, [cfg.heldout_bucket], allow_partial=cfg.allow_partial)[cfg.heldout_bucket]
     pipe = wds.DataPipeline(
         wds.SimpleShardList(urls),
-        wds.tarfile_to_samples(handler=wds.reraise_exception),
+        _samples_of_tars(),
         wds.map(lambda s: decode_sample(s, cfg.heldout_bucket)),
     )
     clips = list(itertools.islice(pipe, cfg.heldout_samples))
@@ -296,6 +390,9 @@ class DiTDataConfig:
     """Consecutive bad samples after a window (while filling its batch) that stop the loader at once."""
     latent_scale: float = 0.0
     """Latent scale factor; 0 takes the value measured and stored with the VAE checkpoint."""
+    allow_partial: bool = False
+    """Train on a shard folder without a complete manifest (a killed shard job's tars), with a warning; off, such a
+    folder is refused naming what is missing."""
 
     def __post_init__(self) -> None:
         if not (len(self.buckets) == len(self.weights) == len(self.batch_sizes)):
@@ -341,10 +438,11 @@ def _count_samples(url: str) -> int:
 
 
 def check_data(cfg: DiTDataConfig) -> dict[str, int]:
-    """Fail before any model is built: every bucket folder must exist and hold samples.
+    """Fail before any model is built: the shard folder must be complete (``dataset_shards``: manifest present,
+    every listed tar there at its size) and every bucket must hold samples.
 
-    Returns the sample count per bucket (from ``manifest.json`` when the root has one listing the
-    bucket, else from the tar headers).
+    Returns the sample count per bucket (from ``manifest.json`` when it lists the bucket, else -- a partial folder
+    with ``allow_partial`` -- from the tar headers).
     """
     if not cfg.root:
         raise ValueError("data.root is empty: expected the folder of bucketed shards")
@@ -352,18 +450,26 @@ def check_data(cfg: DiTDataConfig) -> dict[str, int]:
         raise FileNotFoundError(f"data.root {cfg.root}: expected a folder of bucketed shards, it does not exist")
     if not cfg.buckets:
         raise ValueError(f"data.buckets is empty: nothing to train on (shards under {cfg.root})")
-    full = read_manifest(cfg.root)
+    try:
+        full = read_manifest(cfg.root)
+    except ManifestError:
+        full = None  # dataset_shards names it (or, with allow_partial, it counts as none)
     if full is not None and full["samples"] == 0:
         raise ValueError(f"data.root {cfg.root}: the selection is empty (its manifest.json lists 0 samples)")
+    present = sorted(p.name for p in Path(cfg.root).iterdir() if p.is_dir())
+    for bucket in cfg.buckets:
+        if not (Path(cfg.root) / bucket).is_dir():
+            raise FileNotFoundError(f"bucket {bucket}: expected the folder {Path(cfg.root) / bucket}; the root holds {present}")
+    shards = dataset_shards(cfg.root, cfg.buckets, allow_partial=cfg.allow_partial)
     manifest = full["buckets"] if full is not None else {}
     counts = {}
     for bucket in cfg.buckets:
         folder = Path(cfg.root) / bucket
-        if not folder.is_dir():
-            present = sorted(p.name for p in Path(cfg.root).iterdir() if p.is_dir())
-            raise FileNotFoundError(f"bucket {bucket}: expected the folder {folder}; the root holds {present}")
-        urls = bucket_shards(cfg.root, bucket)
-        listed = manifest[bucket]["samples"] if bucket in manifest else None
+        urls = shards[bucket]
+        entry = manifest.get(bucket)
+        # The manifest's count when it describes exactly the tars read (a partial folder may lack some).
+        exact = entry is not None and [str(Path(cfg.root) / s["shard"]) for s in entry["shards"]] == urls
+        listed = entry["samples"] if exact else None
         counts[bucket] = int(listed) if listed is not None else sum(_count_samples(u) for u in urls)
         if counts[bucket] == 0:
             raise ValueError(f"bucket {bucket}: the selection is empty (0 samples in {len(urls)} shards under {folder})")
@@ -386,7 +492,7 @@ class _RawStream:
     def __init__(self, urls: list[str], seed: int, shuffle: bool, rank: int, world_size: int, start: int) -> None:
         self._it = iter(wds.DataPipeline(
             _endless_shards(urls, seed, shuffle),
-            wds.tarfile_to_samples(handler=wds.reraise_exception),
+            _samples_of_tars(),
             _take_rank(rank, world_size),
             _skip(start),
         ))
@@ -496,11 +602,14 @@ class DiTSampleStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, cfg: DiTDataConfig, *, seed: int, rank: int = 0, world_size: int = 1, start_step: int = 0,
-                 position: dict[str, int] | None = None, spatial_factor: int = 8, temporal_factor: int = 4) -> None:
+                 position: dict[str, int] | None = None, spatial_factor: int = 8, temporal_factor: int = 4,
+                 urls: dict[str, list[str]] | None = None) -> None:
         super().__init__()
         if not cfg.buckets:
             raise ValueError("DiTDataConfig.buckets is empty: nothing to train on")
         self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
+        # Checked here, in the training process, so the workers only read what passed.
+        self.urls = urls if urls is not None else dataset_shards(cfg.root, cfg.buckets, allow_partial=cfg.allow_partial)
         self.start_step = start_step
         self.position = {b: 0 for b in cfg.buckets} | dict(position or {})
         self.factors = (spatial_factor, temporal_factor)
@@ -555,7 +664,7 @@ class DiTSampleStream(torch.utils.data.IterableDataset):
         for n, (step, i, offset) in enumerate(step_plan(self.cfg, self.seed, self.start_step, self.position)):
             bucket, bs = self.cfg.buckets[i], self.cfg.batch_sizes[i]
             if i not in streams:
-                streams[i] = _RawStream(bucket_shards(self.cfg.root, bucket), self.seed + i, self.cfg.shardshuffle,
+                streams[i] = _RawStream(self.urls[bucket], self.seed + i, self.cfg.shardshuffle,
                                         self.rank, self.world_size, offset)
             stream = streams[i]
             assert stream.next_index == offset, (stream.next_index, offset)
@@ -584,6 +693,7 @@ class DiTBatches:
         self.bad_samples = int(state.get("bad_samples", 0))
         self.bad_by_shard: dict[str, int] = dict(state.get("bad_by_shard", {}))
         self.factors = (spatial_factor, temporal_factor)
+        self.urls = dataset_shards(cfg.root, cfg.buckets, allow_partial=cfg.allow_partial)  # before any step
 
     def state_dict(self) -> dict[str, Any]:
         return {"step": self.step, "position": dict(self.position), "samples_read": self.samples_read,
@@ -597,7 +707,7 @@ class DiTBatches:
     def loader(self) -> torch.utils.data.DataLoader:
         stream = DiTSampleStream(self.cfg, seed=self.seed, rank=self.rank, world_size=self.world_size,
                                  start_step=self.step, position=self.position,
-                                 spatial_factor=self.factors[0], temporal_factor=self.factors[1])
+                                 spatial_factor=self.factors[0], temporal_factor=self.factors[1], urls=self.urls)
         n = self.cfg.num_workers
         return torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=n, prefetch_factor=self.cfg.prefetch_factor if n else None,

@@ -20,14 +20,18 @@ from catalog.shards import (
     ManifestError,
     bucket_name,
     bucket_shards,
+    corrupt_shards,
     decode_array,
     decode_jpg,
     decode_mp4,
     decode_pixels,
     encode_h264,
     encode_jpg,
+    file_sha256,
     make_manifest,
     manifest_is_complete,
+    manifest_version,
+    missing_pieces,
     parse_bucket,
     read_manifest,
     sample_files,
@@ -228,3 +232,53 @@ def test_aborted_writer_removes_its_temporary(tmp_path):
     assert list((tmp_path / "17x32x48").iterdir()) == []
     with pytest.raises(FileNotFoundError, match="no shards for bucket 17x32x48"):
         bucket_shards(tmp_path, "17x32x48")
+
+
+def _complete(root, n=5):
+    infos = _write(root, "17x32x48", n, maxcount=2)
+    write_manifest(root, make_manifest(infos, {"17x32x48": Bucket(17, 32, 48, 8.0)}))
+    return infos
+
+
+def test_missing_pieces_names_what_a_complete_folder_lacks(tmp_path):
+    infos = _write(tmp_path, "17x32x48", 5, maxcount=2)
+    [line] = missing_pieces(tmp_path)
+    assert "manifest.json is missing" in line and "17x32x48: 3 tar(s)" in line
+    write_manifest(tmp_path, make_manifest(infos, {"17x32x48": Bucket(17, 32, 48, 8.0)}))
+    assert missing_pieces(tmp_path) == [] and missing_pieces(tmp_path, ["17x32x48"]) == []
+    assert missing_pieces(tmp_path, ["1x32x48"]) == [f"bucket 1x32x48: not in {tmp_path / MANIFEST} (it lists ['17x32x48'])"]
+    (tmp_path / "17x32x48" / "shard-000001.tar").unlink()
+    (tmp_path / "17x32x48" / "shard-000002.tar").write_bytes(b"cut")
+    (tmp_path / "17x32x48" / "shard-000007.tar").write_bytes(b"stray")
+    (tmp_path / "17x32x48" / ".shard-000008.tar.tmp").write_bytes(b"half")
+    size = infos[2].bytes
+    assert missing_pieces(tmp_path) == [
+        "shard 17x32x48/shard-000001.tar: listed in the manifest (2 samples), missing on disk",
+        f"shard 17x32x48/shard-000002.tar: 3 bytes on disk, the manifest says {size} (truncated or rewritten)",
+        "bucket 17x32x48: tars the manifest does not list: ['17x32x48/shard-000007.tar']",
+        "bucket 17x32x48: unfinished tars ['.shard-000008.tar.tmp'] (a shard job is writing or was killed)",
+    ]
+
+
+def test_corrupt_shards_compares_the_sha256(tmp_path):
+    infos = _complete(tmp_path)
+    assert all(len(i.sha256) == 64 and i.sha256 == file_sha256(tmp_path / i.shard) for i in infos)
+    assert corrupt_shards(tmp_path) == []
+    tar = tmp_path / infos[1].shard
+    data = bytearray(tar.read_bytes())
+    data[600] ^= 0xFF  # same size, one byte changed
+    tar.write_bytes(bytes(data))
+    assert missing_pieces(tmp_path) == []  # sizes match
+    assert corrupt_shards(tmp_path) == [f"shard {infos[1].shard}: sha256 differs from the manifest's "
+                                        "(the tar changed after it was written)"]
+
+
+def test_a_manifest_of_an_older_version_is_refused_naming_it(tmp_path):
+    manifest = make_manifest(_write(tmp_path, "17x32x48", 1, maxcount=2), {"17x32x48": Bucket(17, 32, 48, 8.0)})
+    for s in manifest["buckets"]["17x32x48"]["shards"]:
+        del s["sha256"]
+    (tmp_path / MANIFEST).write_text(json.dumps(dict(manifest, version="2")))
+    with pytest.raises(ManifestError, match=r"format version 2 \(this reader reads version 3\)"):
+        read_manifest(tmp_path)
+    assert manifest_version(tmp_path) == "2"
+    assert "format version 2" in missing_pieces(tmp_path)[0]

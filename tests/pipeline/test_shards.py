@@ -14,7 +14,18 @@ import webdataset as wds
 
 from catalog import schema
 from catalog.shard_index import read_output_index
-from catalog.shards import MANIFEST, Bucket, SampleShapeError, decode_jpg, decode_mp4, sample_key, verify_sample
+from catalog.shards import (
+    MANIFEST,
+    Bucket,
+    SampleShapeError,
+    corrupt_shards,
+    decode_jpg,
+    decode_mp4,
+    file_sha256,
+    missing_pieces,
+    sample_key,
+    verify_sample,
+)
 from pipeline.buckets import BucketConfig, crop_box
 from pipeline.shards import (
     SCORE_COLUMNS,
@@ -292,3 +303,56 @@ def test_real_wide_square_and_portrait_land_in_sensible_buckets(shared_media, tm
         assert abs((x1 - x0) / (y1 - y0) - w / h) <= (w / h) / min(x1 - x0, y1 - y0)  # no stretch
         got[s["txt"].decode()] = meta["bucket"]
     assert got == {"leopard.jpg": "1x336x1024", "ice-cream.jpg": "1x592x592", "a hand signs": "17x336x192"}
+
+
+def test_manifest_comes_last_with_every_tars_size_and_sha256(library, tmp_path):
+    out = tmp_path / "shards"
+    seen = []
+
+    def watching(clips, cfg):
+        for r in render_serially(clips, cfg):
+            seen.append((out / MANIFEST).exists())  # while tars are still being written
+            yield r
+
+    m = build_shards(library, out, where="true", buckets=SMALL_BUCKETS,
+                     shards=ShardConfig(preset="ultrafast", maxcount=1), render_many=watching).manifest
+    assert seen and not any(seen)
+    assert missing_pieces(out) == [] and corrupt_shards(out) == []
+    for entry in m["buckets"].values():
+        for s in entry["shards"]:
+            tar = out / s["shard"]
+            assert (s["bytes"], s["sha256"]) == (tar.stat().st_size, file_sha256(tar))
+
+
+def test_killed_after_some_tars_leaves_complete_tars_and_no_manifest(library, tmp_path):
+    """The folder a reader must refuse: every tar complete, the manifest never written."""
+    out = tmp_path / "shards"
+    rows = tmp_path / "rows.json"
+    rows.write_text(json.dumps(library))
+    script = f"""
+import json, os, sys
+sys.path.insert(0, {str(Path(__file__).resolve().parents[1])!r})
+from pipeline.shards import ShardConfig, build_shards, render_serially
+from shard_fixtures import SMALL_BUCKETS
+
+def dying(clips, cfg):
+    for i, r in enumerate(render_serially(clips, cfg)):
+        if i == 4:
+            os._exit(7)
+        yield r
+
+build_shards(json.loads(open({str(rows)!r}).read()), {str(out)!r}, where="true", buckets=SMALL_BUCKETS,
+             shards=ShardConfig(preset="ultrafast", maxcount=1), render_many=dying)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=os.environ)
+    assert proc.returncode == 7, proc.stderr
+    tars = sorted(out.glob("*/shard-*.tar"))
+    assert tars and not (out / MANIFEST).exists()  # tars roll over per bucket: the first is complete
+    [problem] = missing_pieces(out)
+    assert "manifest.json is missing: the shard job did not finish" in problem
+    for tar in tars:
+        assert f"{tar.parent.name}: " in problem
+    # The rerun completes the folder.
+    assert build_shards(library, out, where="true", buckets=SMALL_BUCKETS,
+                        shards=ShardConfig(preset="ultrafast", maxcount=1)).status == "written"
+    assert missing_pieces(out) == []

@@ -1,7 +1,12 @@
 """Batches from bucketed WebDataset shards: decoding, bucket checks, rank split, resumable position."""
 from __future__ import annotations
 
+import dataclasses
 import io
+import pickle
+import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -9,12 +14,25 @@ import numpy as np
 import pytest
 import torch
 
-from catalog.shards import bucket_shards, decode_mp4, manifest_is_complete, parse_bucket, read_manifest
+from catalog.shards import (
+    IncompleteShardsError,
+    bucket_shards,
+    decode_mp4,
+    file_sha256,
+    manifest_is_complete,
+    parse_bucket,
+    read_manifest,
+)
 from trainer.data import (
     BucketBatches,
     DataConfig,
+    DiTBatches,
+    DiTDataConfig,
+    PartialDataWarning,
+    ShardReadError,
     bucket_for_step,
     bucket_pipeline,
+    check_data,
     decode_sample,
     heldout_clips,
 )
@@ -128,3 +146,109 @@ def test_synthetic_shards_are_in_the_one_shard_format(shards: Path) -> None:
     assert manifest_is_complete(manifest, shards)
     with pytest.raises(ValueError, match=r"4k\+1 frames"):
         DataConfig(buckets=("16x16x16",), weights=(1.0,), batch_sizes=(1,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Complete shard folders only; read errors name the tar
+# ---------------------------------------------------------------------------------------------
+
+BUCKETS = {"buckets": ("5x16x16", "1x16x16"), "weights": (0.5, 0.5), "batch_sizes": (2, 2)}
+
+
+def killed_before_manifest(root: Path) -> Path:
+    """The synthetic shard job killed (no cleanup) after its last tar, before its manifest: complete tars only."""
+    script = f"""
+import os
+import trainer.synthetic as synthetic
+synthetic.write_manifest = lambda *args: os._exit(9)  # SIGKILL-like: nothing after this line runs
+synthetic.write_synthetic_shards({str(root)!r}, {{"5x16x16": list(range(7)), "1x16x16": list(range(100, 103))}},
+                                 per_shard=3)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 9, proc.stderr
+    return root
+
+
+def test_a_killed_shard_jobs_folder_is_refused_naming_the_missing_manifest(tmp_path: Path) -> None:
+    root = killed_before_manifest(tmp_path / "killed")
+    assert len(bucket_shards(root, "5x16x16")) == 3 and not (root / "manifest.json").exists()
+    cfg = DataConfig(root=str(root), **BUCKETS)
+    want = r"shard folder .*killed is incomplete: .*killed/manifest.json is missing: the shard job did not finish.*" \
+           r"1x16x16: 1 tar\(s\), 5x16x16: 3 tar\(s\).*allow_partial = true"
+    with pytest.raises(IncompleteShardsError, match=want):
+        BucketBatches(cfg, seed=0, rank=0, world_size=1)
+    dit = DiTDataConfig(root=str(root), num_workers=0, **BUCKETS)
+    with pytest.raises(IncompleteShardsError, match=want):
+        check_data(dit)
+    with pytest.raises(IncompleteShardsError, match=want):
+        DiTBatches(dit, seed=0)
+    # Told to, the trainer reads what is there, and says so.
+    with pytest.warns(PartialDataWarning, match="manifest.json is missing"):
+        batches = BucketBatches(dataclasses.replace(cfg, allow_partial=True), seed=0, rank=0, world_size=1)
+    assert {b for b, _ in (batches.batch(s) for s in range(1, 5))} <= {"5x16x16", "1x16x16"}
+    with pytest.warns(PartialDataWarning):
+        assert check_data(dataclasses.replace(dit, allow_partial=True)) == {"5x16x16": 7, "1x16x16": 3}
+
+
+def _copy(shards: Path, dest: Path) -> Path:
+    shutil.copytree(shards, dest)
+    return dest
+
+
+def test_a_manifest_listing_a_missing_or_resized_tar_is_refused_naming_it(shards: Path, tmp_path: Path) -> None:
+    root = _copy(shards, tmp_path / "gone")
+    (root / "5x16x16" / "shard-000001.tar").unlink()
+    cfg = DataConfig(root=str(root), **BUCKETS)
+    with pytest.raises(IncompleteShardsError,
+                       match=r"shard 5x16x16/shard-000001.tar: listed in the manifest \(3 samples\), missing on disk"):
+        BucketBatches(cfg, seed=0, rank=0, world_size=1)
+    root = _copy(shards, tmp_path / "cut")
+    tar = root / "5x16x16" / "shard-000002.tar"
+    size = tar.stat().st_size
+    tar.write_bytes(tar.read_bytes()[: size // 2])
+    with pytest.raises(IncompleteShardsError, match=rf"shard 5x16x16/shard-000002.tar: {size // 2} bytes on disk, "
+                                                    rf"the manifest says {size}"):
+        check_data(DiTDataConfig(root=str(root), num_workers=0, **BUCKETS))
+    with pytest.raises(IncompleteShardsError, match=r"bucket 9x16x16: not in .*manifest.json"):
+        DiTBatches(DiTDataConfig(root=str(shards), num_workers=0, buckets=("9x16x16",), weights=(1.0,),
+                                 batch_sizes=(1,)), seed=0)
+    held = DataConfig(heldout_root=str(tmp_path / "gone"), heldout_bucket="5x16x16")
+    with pytest.raises(IncompleteShardsError, match="shard-000001.tar: listed in the manifest"):
+        heldout_clips(held, rank=0, world_size=1)
+
+
+def test_the_manifest_lists_what_the_reader_reads(shards: Path, tmp_path: Path) -> None:
+    root = _copy(shards, tmp_path / "extra")
+    shutil.copy(root / "5x16x16" / "shard-000000.tar", root / "5x16x16" / "shard-000009.tar")
+    with pytest.raises(IncompleteShardsError, match=r"tars the manifest does not list: \['5x16x16/shard-000009.tar'\]"):
+        BucketBatches(DataConfig(root=str(root), **BUCKETS), seed=0, rank=0, world_size=1)
+    manifest = read_manifest(shards)
+    for entry in manifest["buckets"].values():
+        for s in entry["shards"]:
+            assert s["sha256"] == file_sha256(shards / s["shard"]) and s["bytes"] == (shards / s["shard"]).stat().st_size
+
+
+def test_a_truncated_tar_read_in_training_names_the_shard_and_the_read_error(shards: Path, tmp_path: Path) -> None:
+    root = _copy(shards, tmp_path / "cut")
+    tar = root / "5x16x16" / "shard-000000.tar"
+    size = tar.stat().st_size
+    tar.write_bytes(tar.read_bytes()[: size // 2 + 100])
+    want = (rf"shard {tar} \({size // 2 + 100} bytes on disk, its manifest says {size}: truncated or rewritten\): "
+            r"ReadError: unexpected end of data$")
+    with pytest.warns(PartialDataWarning):
+        batches = BucketBatches(DataConfig(root=str(root), buckets=("5x16x16",), weights=(1.0,), batch_sizes=(3,),
+                                           shardshuffle=False, allow_partial=True), seed=0, rank=0, world_size=1)
+    with pytest.raises(ShardReadError, match=want) as caught:
+        for step in range(1, 5):
+            batches.batch(step)
+    # It survives the trip from a DataLoader worker or a Ray Train worker (webdataset's own error held the file).
+    again = pickle.loads(pickle.dumps(caught.value))
+    assert str(again) == str(caught.value)
+    # The DiT loader, through a DataLoader worker process, stops with the same message.
+    with pytest.warns(PartialDataWarning):
+        dit = DiTBatches(DiTDataConfig(root=str(root), buckets=("5x16x16",), weights=(1.0,), batch_sizes=(3,),
+                                       shardshuffle=False, num_workers=1, allow_partial=True), seed=0)
+    with pytest.raises(ShardReadError, match=want[:-1]):
+        for _, _ in zip(range(4), dit, strict=False):
+            pass

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from catalog.shards import BucketTarWriter, encode_meta
+from catalog.shards import Bucket, BucketTarWriter, encode_meta, make_manifest, parse_bucket, write_manifest
 from trainer.data import (
     BadDataError,
     BadSampleWarning,
@@ -119,6 +119,11 @@ def _meta(key: str, bucket: str) -> dict:
     return {"clip_id": key, "video_id": key, "span": [0, 5], "fps": 8.0, "frames": 5, "bucket": bucket, "scores": {}}
 
 
+def finish(root: Path, writer: BucketTarWriter) -> None:
+    """Close the writer and put down the manifest, as the shard writers do (the loader reads complete folders)."""
+    write_manifest(root, make_manifest(writer.close(), {VIDEO: Bucket(*parse_bucket(VIDEO), 8.0)}))
+
+
 def write_bad_bucket(root: Path, bad: dict[int, str], n: int = 12, per_shard: int = 4) -> Path:
     """Bucket VIDEO with ``n`` samples; sample i in ``bad`` is broken as named (no_caption/wrong_shape/garbage)."""
     writer = BucketTarWriter(root, VIDEO, maxcount=per_shard, maxsize=2**62)
@@ -134,7 +139,7 @@ def write_bad_bucket(root: Path, bad: dict[int, str], n: int = 12, per_shard: in
             files["mp4"] = b"\x00\x01 this is not an mp4" * 20
         files["json"] = encode_meta(_meta(key, VIDEO))
         writer.write(key, files)
-    writer.close()
+    finish(root, writer)
     return root
 
 
@@ -201,8 +206,10 @@ def test_check_data_fails_before_any_model_on_missing_or_empty_selections(shards
         check_data(DiTDataConfig(root=str(shards)))
     empty = tmp_path / "empty"
     (empty / VIDEO).mkdir(parents=True)
-    with pytest.raises(FileNotFoundError, match="no shards for bucket 5x16x16"):
+    with pytest.raises(FileNotFoundError, match="incomplete: .*manifest.json is missing"):
         check_data(config(empty, buckets=(VIDEO,), weights=(1.0,), batch_sizes=(1,)))
+    with pytest.warns(UserWarning, match="incomplete"), pytest.raises(FileNotFoundError, match="no shards for bucket 5x16x16"):
+        check_data(config(empty, buckets=(VIDEO,), weights=(1.0,), batch_sizes=(1,), allow_partial=True))
     (tmp_path / "none").mkdir()
     none = write_synthetic_shards(tmp_path / "none", {})  # a --where that selected nothing
     with pytest.raises(ValueError, match="the selection is empty"):
@@ -243,7 +250,7 @@ def write_precomputed(root: Path, pixels_root: Path, vae: CausalVAE, text_dim: i
             files = {"txt": sample["txt"], "json": sample["json"]} | encode_precomputed(mean[0], logvar[0], emb, mask)
             writer.write(sample["__key__"], files)
             written[sample["__key__"]] = (mean[0], logvar[0], emb, mask)
-    writer.close()
+    finish(root, writer)
     return written
 
 
@@ -278,7 +285,7 @@ def test_a_latent_of_the_wrong_shape_is_a_bad_sample(tmp_path: Path) -> None:
         files = {"txt": b"a caption", "json": encode_meta(_meta(f"k{i}", VIDEO))}
         files |= encode_precomputed(torch.zeros(16, t, 2, 2), torch.zeros(16, t, 2, 2))
         writer.write(f"k{i}", files)
-    writer.close()
+    finish(tmp_path, writer)
     cfg = DiTDataConfig(root=str(tmp_path), buckets=(VIDEO,), weights=(1.0,), batch_sizes=(2,), shardshuffle=False,
                         num_workers=0, max_bad_fraction=0.5)
     batches = DiTBatches(cfg, seed=0)
