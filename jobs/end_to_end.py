@@ -285,7 +285,10 @@ def run_metrics(run_dir: Path) -> list[dict[str, Any]]:
     snapshot = run_dir / "checkpoint_manager_snapshot.json"
     if not snapshot.is_file():
         return []
-    results = json.loads(snapshot.read_text()).get("checkpoint_results", [])
+    try:
+        results = json.loads(snapshot.read_text()).get("checkpoint_results", [])
+    except json.JSONDecodeError:
+        return []  # being rewritten by a running trainer: no complete record to read yet
     return sorted((r["metrics"] for r in results if "step" in r.get("metrics", {})), key=lambda m: m["step"])
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from catalog.db import open_catalog
 from catalog.shards import read_manifest
-from jobs.end_to_end import DEFAULT_CONFIG, STEPS
+from jobs.end_to_end import DEFAULT_CONFIG, STEPS, run_metrics
 from jobs.end_to_end import main as end_to_end
 from trainer.checkpoint import checkpoint_step, latest_checkpoint
 
@@ -163,8 +163,8 @@ def test_killed_in_the_dit_stage_it_resumes_from_that_stages_checkpoint(run, cap
     proc = subprocess.Popen([sys.executable, "-m", "jobs.end_to_end", "--output", str(out)], cwd=Path(__file__).parents[2],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        # Kill it once the DiT stage has written its first checkpoint (an event, not a delay).
-        while latest_checkpoint(out / "runs" / "dit") is None:
+        # Kill it once Ray Train has recorded the DiT stage's first checkpoint as complete (an event, not a delay).
+        while not run_metrics(out / "runs" / "dit"):
             assert proc.poll() is None, (out.parent / "killed.log").read_text()[-3000:]
             time.sleep(0.5)
     finally:
