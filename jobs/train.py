@@ -136,12 +136,17 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(cfg.ray.storage_path) / cfg.ray.name if "://" not in cfg.ray.storage_path else None
     session = _cli.start_ray(_cli.ray_address(args.address), run_dir, show=_show_worker_line)
     print(session.describe(), flush=True)
+    from ray.train import TrainingFailedError
+
     try:
         result = build_trainer(cfg).fit()
+    except TrainingFailedError as err:  # Ray Train 2.x raises from fit(); it never returns a result with .error
+        print(f"training failed: {failure_line(err)}", file=sys.stderr, flush=True)
+        return 1
     finally:
         session.close()
     if result.error is not None:
-        print(f"training failed: {_cli.one_line(repr(result.error))[:2000]}", file=sys.stderr)
+        print(f"training failed: {failure_line(result.error)}", file=sys.stderr, flush=True)
         return 1
     step = result.metrics.get("step")
     if sel is not None and result.checkpoint is not None:
@@ -157,6 +162,20 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print(f"done: step {step} checkpoint {result.checkpoint.path if result.checkpoint else None}")
     return 0
+
+
+def failure_line(err: BaseException) -> str:
+    """Why training failed, as one line: the lowest failed rank's own exception (class and message), not Ray's
+    wrapper and its tracebacks."""
+    failures = getattr(err, "worker_failures", None) or {}
+    if failures:
+        rank = min(failures)
+        cause = failures[rank]
+        cause = getattr(cause, "cause", None) or cause  # a RayTaskError carries the worker's exception as .cause
+        others = f" (and {len(failures) - 1} more failed worker(s))" if len(failures) > 1 else ""
+        return _cli.one_line(f"rank {rank}: {type(cause).__name__}: {cause}{others}")[:2000]
+    cause = getattr(err, "controller_failure", None) or err
+    return _cli.one_line(f"{type(cause).__name__}: {cause}")[:2000]
 
 
 def _path_value(cfg: Any, dotted: str) -> str:

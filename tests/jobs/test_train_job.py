@@ -149,3 +149,28 @@ def test_fsdp_strategy_trains_and_saves_full_weights(tmp_path: Path) -> None:
     model = CausalVAE(vae_config("tiny"))
     model.load_state_dict(state["model"])
     model.load_state_dict(state["ema"])
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_one_line_naming_the_cause_and_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A killed shard job's folder (tars, no manifest): the worker refuses it and the job says why in one line."""
+    import ray
+
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    root = tmp_path / "shards"
+    write_synthetic_shards(root / "train", {"17x32x32": list(range(2))}, per_shard=1)
+    write_synthetic_shards(root / "heldout", {"17x32x32": [900]})
+    (root / "train" / "manifest.json").unlink()
+    cfg = tmp_path / "killed.toml"
+    cfg.write_text(STAGE.format(chunk=2, ckpt="block", root=root, buckets='["17x32x32"]', weights="[1.0]",
+                                batch_sizes="[1]", heldout="17x32x32", disc_start=1, steps=1, init_from="",
+                                runs=tmp_path / "runs", name="killed").replace("workers = 2", "workers = 1"))
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    try:
+        assert train_job(["--config", str(cfg)]) == 1
+    finally:
+        ray.shutdown()
+    failed = [line for line in capsys.readouterr().err.splitlines() if "training failed" in line]
+    assert len(failed) == 1, failed
+    assert failed[0].startswith("training failed: rank 0: IncompleteShardsError: shard folder ")
+    assert "manifest.json is missing: the shard job did not finish" in failed[0] and "allow_partial" in failed[0]
