@@ -70,10 +70,12 @@ def default_model_path() -> Path:
     try:
         import rapidocr_onnxruntime
     except ImportError as err:
-        raise ModelLoadError(f"the OCR stage needs rapidocr-onnxruntime (pip install rapidocr-onnxruntime): {err}") from err
+        raise ModelLoadError(f"the OCR stage needs rapidocr-onnxruntime (pip install rapidocr-onnxruntime): "
+                             f"{err}") from err
     path = Path(rapidocr_onnxruntime.__file__).parent / "models" / MODEL_FILE
     if not path.is_file():
-        raise ModelLoadError(f"expected the PP-OCRv4 detection model at {path}; the rapidocr-onnxruntime install lacks it")
+        raise ModelLoadError(f"expected the PP-OCRv4 detection model at {path}; the rapidocr-onnxruntime install "
+                             "lacks it")
     return path
 
 
@@ -208,8 +210,10 @@ class TextDetector:
         for i in range(n):
             quads, _ = self.post(prob[i:i + 1], (h, w))                   # (n, 4, 2) px corners in the input frame
             quads = np.asarray(quads, np.float64).reshape(-1, 4, 2)
-            b = np.stack([quads[:, :, 0].min(1) / w, quads[:, :, 1].min(1) / h,
-                          quads[:, :, 0].max(1) / w, quads[:, :, 1].max(1) / h], axis=1) if len(quads) else np.zeros((0, 4))
+            b = np.zeros((0, 4))
+            if len(quads):
+                b = np.stack([quads[:, :, 0].min(1) / w, quads[:, :, 1].min(1) / h,
+                              quads[:, :, 0].max(1) / w, quads[:, :, 1].max(1) / h], axis=1)
             # rapidocr drops boxes 3 px or thinner in the original frame; so do we.
             keep = ((b[:, 2] - b[:, 0]) * w > 3) & ((b[:, 3] - b[:, 1]) * h > 3)
             out.append(np.clip(b[keep], 0.0, 1.0))
@@ -225,7 +229,8 @@ _DEFAULT: TextDetector | None = None
 
 
 def text_regions(frames: np.ndarray, detector: TextDetector | None = None) -> TextStats:
-    """:class:`TextStats` of a clip's frames with ``detector`` (default: the bundled PP-OCRv4 model on CPU, loaded once)."""
+    """:class:`TextStats` of a clip's frames with ``detector`` (default: the bundled PP-OCRv4 model on CPU, loaded
+    once)."""
     global _DEFAULT
     if detector is None:
         if _DEFAULT is None:
