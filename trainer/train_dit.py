@@ -416,7 +416,7 @@ def main(cfg: DiTStageConfig, run: RunContext) -> list[dict[str, float]]:
             detached = losses.detach().cpu()
             for k in bins.unique().tolist():
                 parts[names[k]] = float(detached[bins == k].mean())
-            seq = dit_cfg.max_text_len + vision_tokens(dit_cfg, tuple(x0.shape))
+            seq = emb.shape[1] + vision_tokens(dit_cfg, tuple(x0.shape))  # text + vision tokens per sample
             parts["caption_dropped_fraction"] = float(dropped.float().mean())
             window.add(parts, samples=b, tokens=b * seq,
                        flops=b * sample_flops(cfg, dit_cfg, tuple(x0.shape), emb.shape[1]))

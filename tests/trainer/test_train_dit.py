@@ -92,7 +92,7 @@ def test_resume_continues_with_the_same_next_step_loss(dit_assets, tmp_path: Pat
 
 
 def test_bad_samples_are_skipped_counted_in_the_metrics_then_stop_the_stage(dit_assets, tmp_path: Path) -> None:
-    from catalog.shards import BucketTarWriter
+    from catalog.shards import Bucket, BucketTarWriter, make_manifest, write_manifest
     from trainer.data import BadDataError
     from trainer.synthetic import synthetic_files
 
@@ -103,7 +103,7 @@ def test_bad_samples_are_skipped_counted_in_the_metrics_then_stop_the_stage(dit_
         if i == 1:
             files.pop("txt")  # no caption
         writer.write(f"clip{i:04d}", files)
-    writer.close()
+    write_manifest(root, make_manifest(writer.close(), {dit_fixtures.VIDEO: Bucket(9, 32, 32, 8.0)}, source="test"))
     video_only = {"root": str(root), "buckets": [dit_fixtures.VIDEO], "weights": [1.0], "batch_sizes": [2],
                   "bad_check_after": 4}
     one_step = {"optim": {"warmup_steps": 0}, "sample": {"prompts": []}}
