@@ -109,13 +109,21 @@ class ThresholdRule:
 
 THRESHOLD_RULES: tuple[ThresholdRule, ...] = (
     ThresholdRule(
-        "sharpness_min", "sharpness_median", ">=", 0.2,
-        "lowest clips.sharpness_median kept (focus measure: ~0.25-0.95 in focus, < 0.2 blurred; 0.2 is also "
-        "curation's [prefilter] cut, which drops blurred clips before the model stages)",
+        "sharpness_min", "sharpness_low", ">=", 0.25,
+        "lowest clips.sharpness_low kept (10th percentile over frames of the sharpest-tiles focus measure: ~0.35-1.1 "
+        "in focus, < 0.2 blurred; 0.25 is also curation's [prefilter] cut); NULL (runs before the column) passes",
+        null_passes=True,
     ),
     ThresholdRule(
-        "motion_min", "motion_mean", ">=", 0.5,
-        "lowest clips.motion_mean kept, px/s at 256 px (drops static shots and slideshows); not applied to images",
+        "change_min", "pixel_change", ">=", 0.002,
+        "lowest clips.pixel_change kept: drops frozen footage (stills, slideshows dressed as video), never calm "
+        "tripod or talking-head shots; not applied to images; NULL (runs before the column) passes",
+        temporal=True, null_passes=True,
+    ),
+    ThresholdRule(
+        "motion_min", "motion_mean", ">=", None,
+        "lowest clips.motion_mean kept, px/s at 256 px; off by default (talking heads and tripod shots score "
+        "0.3-1 and are wanted; frozen footage is change_min's); not applied to images",
         temporal=True,
     ),
     ThresholdRule(

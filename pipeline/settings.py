@@ -35,8 +35,14 @@ class PrefilterConfig:
     final "kept" decision lives; these only decide where model time is spent.
     """
 
-    sharpness_min: float | None = 0.2
-    motion_min: float | None = 0.5
+    # Lowest clips.sharpness_low kept (10th percentile over frames of the sharpest-tiles focus measure): in-focus
+    # real footage 0.37-1.14 on the development set, 3 px defocus 0.09-0.18 (pipeline.scoring.sharpness).
+    sharpness_min: float | None = 0.25
+    # "static" = frozen: lowest clips.pixel_change kept (share of pixels changing between frames ~0.5 s apart);
+    # stills <= 0.0004, calm tripod / webcam footage >= 0.014 on the development set.
+    change_min: float | None = 0.002
+    # "calm": lowest clips.motion_mean (px/s) kept. Off: talking heads and tripod shots (0.3-1 px/s) are wanted.
+    motion_min: float | None = None
     motion_max: float | None = None
     overlay_max: float | None = 0.5
     # OCR stage (PP-OCRv4 text detection): share of the frame covered by text in any sampled frame (subtitles,

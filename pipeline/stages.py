@@ -283,7 +283,7 @@ for _cls in (OCRStage, WatermarkStage, AestheticStage, CaptionStage, CaptionQASt
 # Columns written by the CPU stage (pipeline.analyze), for the schema check.
 ANALYZE_OUTPUTS = (
     "clip_id", "video_id", "start_frame", "end_frame", "start_s", "end_s", "frames", "duration", "fps",
-    "width", "height", "is_image", "sharpness_min", "sharpness_median", "motion_mean", "motion_max",
+    "width", "height", "is_image", "sharpness_min", "sharpness_low", "sharpness_median", "motion_mean", "motion_max", "pixel_change",
     "overlay_score", "overlay_box", "overlay_clip_score", "overlay_video_score", "overlay_video_box",
     "models", "stage_versions", "reject_reasons", "preview_jpeg",
 )

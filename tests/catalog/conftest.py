@@ -45,6 +45,7 @@ def clip_row(vid: str, run_id: str, *, start: int = 0, end: int = 100, fps: floa
         "frames": frames, "duration": 0.0 if is_image else frames / fps, "fps": None if is_image else fps,
         "width": width, "height": height, "is_image": is_image,
         "sharpness_min": None if sharpness is None else sharpness * 0.8, "sharpness_median": sharpness,
+        "sharpness_low": None if sharpness is None else sharpness * 0.9,
         "motion_mean": None if is_image else motion,
         "motion_max": None if (is_image or motion is None) else motion * 1.5,
         "overlay_score": None if is_image else overlay, "overlay_box": None,

@@ -161,14 +161,14 @@ def test_model_thresholds_skip_standin_runs(tmp_path: Path, rows) -> None:
     folder = rows.write_run_folder(
         tmp_path / "out", videos=[rows.video_row(vid, run, uri="/raw/s.mp4")],
         clips=[rows.clip_row(vid, run, aesthetic=0.15, watermark=0.5, similarity=-0.01),
-               rows.clip_row(vid, run, start=100, end=200, aesthetic=0.15, motion=0.1)],
+               rows.clip_row(vid, run, start=100, end=200, aesthetic=0.15, sharpness=0.1)],
         rejects=[], runs=[rows.run_row(run, rows.T0, standin_models=True)],
     )
     db = tmp_path / "c.duckdb"
     register_run(db, folder)
     con = open_catalog(db)
     verdicts = dict(con.execute("SELECT clip_id, failed_thresholds FROM clip_verdicts").fetchall())
-    assert verdicts == {f"{vid}:0-100": [], f"{vid}:100-200": ["motion_min"]}
+    assert verdicts == {f"{vid}:0-100": [], f"{vid}:100-200": ["sharpness_min"]}
     assert con.execute("SELECT clip_id FROM kept_clips").fetchall() == [(f"{vid}:0-100",)]
     assert con.execute("SELECT bool_and(standin_models) FROM clip_verdicts").fetchone() == (True,)
 
