@@ -23,7 +23,7 @@ import numpy as np
 from pipeline import media
 from pipeline.scenecut import CutDetector, SceneCutConfig, clip_spans
 from pipeline.scoring.motion import motion
-from pipeline.scoring.overlay import static_overlay
+from pipeline.scoring.overlay import ClipMaps, Overlay, VideoOverlay, best_evidence, clip_overlay
 from pipeline.scoring.sharpness import sharpness
 from pipeline.settings import DecodeConfig, PrefilterConfig
 
@@ -48,6 +48,7 @@ class ClipResult:
     frames: np.ndarray | None       # (N, H, W, 3) uint8 frames for the model stages; None when prefiltered
     times: np.ndarray | None        # (N,) seconds from clip start
     preview: bytes | None = None    # clips.preview_jpeg, kept apart from the JSON record (binary)
+    overlay_maps: ClipMaps | None = None  # what the video-level overlay evidence needs of this clip
 
 
 @dataclass(frozen=True)
@@ -134,11 +135,13 @@ def preview_jpeg(frames: np.ndarray, times: np.ndarray, duration: float, *, n: i
 def prefilter_reasons(rec: dict[str, Any], cfg: PrefilterConfig) -> list[str]:
     """Curation-time cut-offs on the cheap scores; model cut-offs are applied by their own stages."""
     reasons = []
-    if cfg.sharpness_min is not None and rec["sharpness_median"] is not None and rec["sharpness_median"] < cfg.sharpness_min:
+    if cfg.sharpness_min is not None and rec.get("sharpness_low") is not None and rec["sharpness_low"] < cfg.sharpness_min:
         reasons.append("blurry")
     if not rec["is_image"]:
-        if cfg.motion_min is not None and rec["motion_mean"] is not None and rec["motion_mean"] < cfg.motion_min:
+        if cfg.change_min is not None and rec.get("pixel_change") is not None and rec["pixel_change"] < cfg.change_min:
             reasons.append("static")
+        if cfg.motion_min is not None and rec["motion_mean"] is not None and rec["motion_mean"] < cfg.motion_min:
+            reasons.append("calm")
         if cfg.motion_max is not None and rec["motion_mean"] is not None and rec["motion_mean"] > cfg.motion_max:
             reasons.append("too_much_motion")
     if cfg.overlay_max is not None and rec["overlay_score"] is not None and rec["overlay_score"] > cfg.overlay_max:
@@ -158,6 +161,8 @@ def analyze_video(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
         elif item.reject is not None:
             return item
         else:
+            for c in clips:
+                apply_video_overlay(c.record, item.video, prefilter.overlay_max)
             return dataclasses.replace(item, clips=clips)
     raise AssertionError("iter_analyze ended without its VideoResult")
 
@@ -174,7 +179,7 @@ def iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, prefi
     ``max_clip_s`` pieces as it streams, so a one-shot hour holds what a few clips need.
     """
     try:
-        yield from _iter_analyze(uri, decode, scenecut, prefilter)
+        yield from _with_video_overlay(_iter_analyze(uri, decode, scenecut, prefilter))
     except Exception as err:  # noqa: BLE001 - one input's failure, whatever its class, stays that input's
         yield _reject(uri, None, "analyze", err)
 
@@ -217,7 +222,7 @@ def _iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
     max_len = math.floor(scenecut.max_clip_s * fps + 1e-6)
     # A cut is reported some frames after it happens (the adaptive window, the min-scene flash filter): a piece
     # split off a long scene ends this far behind the newest frame, so no cut reported later can fall inside it.
-    lag = round(2 * scenecut.min_scene_s * fps) + 8
+    lag = detector.lag_frames
     split_at = STREAM_SPLIT_CLIPS * max_len + trim + lag
     # A scene is final once the cut after it is reported, so its clips are scored in a worker thread while
     # the decode goes on (OpenCV and NumPy release the GIL); only the open scene's frames stay in memory.
@@ -242,6 +247,15 @@ def _iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
         origin = scene_start - trim if continued else scene_start  # clip_spans trims `trim` off the start
         submit([(s + origin, e + origin) for s, e in clip_spans([], end - origin, fps, scenecut)], end)
         scene_start, continued = end, False
+
+    def boundary(end: int, start: int) -> None:
+        """The scene before ends at ``end``; the next starts at ``start`` (later than ``end`` after a fade or black)."""
+        nonlocal scene_start, continued, buf
+        if end > scene_start:
+            close_scene(end)
+        if start > scene_start:
+            scene_start, continued = start, False
+            buf = [(i, f) for i, f in buf if i >= start]
 
     def split_piece() -> None:
         nonlocal scene_start, continued
@@ -280,18 +294,16 @@ def _iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
                 detector.push_bgr(index, small)
             if frame is not None:
                 buf.append((index, frame))
-            cuts = detector.cuts_so_far
-            while reported < len(cuts):
-                if scene_start < cuts[reported] < info.frames:
-                    close_scene(cuts[reported])
+            bounds = detector.boundaries_so_far
+            while reported < len(bounds):
+                boundary(*bounds[reported])
                 reported += 1
             if last + 1 - scene_start >= split_at:
                 split_piece()
             yield from finished()
         cuts = detector.finish()
-        for c in cuts:  # the ones the end-of-stream flush released
-            if c > scene_start:
-                close_scene(c)
+        for b in detector.boundaries_so_far[reported:]:  # the ones the end-of-stream flush released
+            boundary(*b)
         close_scene(last + 1)
         while futures:
             n_clips += 1
@@ -302,7 +314,8 @@ def _iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     yield _video_result(uri, info, probe_s, media.analysis_decoder(info) if decode.backend != "decord" else "decord",
-                        n_decoded, cuts, detector.name, n_clips, damage)
+                        n_decoded, cuts, detector.name, n_clips, damage, scenes=_scene_fields(
+                            detector, info, scenecut, n_clips, damage))
 
 
 def _guarded_clip(score, info, video_id, start, end, fps, *args) -> ClipResult:
@@ -332,7 +345,26 @@ def _score_span(info, video_id, start, end, fps, scene, decode: DecodeConfig, pr
     return _score_clip(info, video_id, start, end, fps, frames, times, decode, prefilter)
 
 
-def _video_result(uri, info, probe_s, decoder, n_decoded, cuts, detector_name, n_clips, damage=()) -> VideoResult:
+def _scene_fields(detector: CutDetector, info, scenecut: SceneCutConfig, n_clips: int, damage) -> dict[str, Any]:
+    """The videos columns the scene detector fills: fades, grayscale, and why a video gave no clip."""
+    reason = None
+    if n_clips == 0:
+        if detector.all_black:
+            reason = "all_black"
+        elif info.duration < scenecut.min_clip_s + 2 * scenecut.trim_s:
+            reason = "too_short"
+        elif damage:
+            reason = "damaged"
+        elif sum(t.end - t.start for t in detector.transitions) >= 0.5 * max(1, info.frames):
+            reason = "mostly_black"
+        else:
+            reason = "scenes_too_short"
+    return dict(fade_frames=[[t.start, t.end] for t in detector.transitions], is_grayscale=detector.is_grayscale,
+                no_clip_reason=reason)
+
+
+def _video_result(uri, info, probe_s, decoder, n_decoded, cuts, detector_name, n_clips, damage=(),
+                  scenes: dict[str, Any] | None = None) -> VideoResult:
     damaged = [(int(a), int(b)) for a, b in damage]
     row = info.to_row()
     row.update(
@@ -344,6 +376,7 @@ def _video_result(uri, info, probe_s, decoder, n_decoded, cuts, detector_name, n
         cut_detector=detector_name,
         num_clips=int(n_clips),
         damaged_frames=[list(r) for r in damaged],
+        **(scenes or {"fade_frames": [], "is_grayscale": None, "no_clip_reason": None}),
     )
     return VideoResult(uri=uri, video=row, damaged_frames=damaged)
 
@@ -351,11 +384,11 @@ def _video_result(uri, info, probe_s, decoder, n_decoded, cuts, detector_name, n
 def _score_clip(info, video_id, start, end, fps, frames, times, decode: DecodeConfig, prefilter: PrefilterConfig) -> ClipResult:
     sharp = sharpness(frames)
     if info.is_image:
-        mot = ovl = None
+        mot = ovl = maps = None
     else:
         msel = _every(times, decode.motion_fps)
         mot = motion(frames[msel], times[msel])
-        ovl = static_overlay(frames)
+        ovl, maps = clip_overlay(frames)
     rec: dict[str, Any] = {
         "clip_id": clip_id(video_id, start, end),
         "video_id": video_id,
@@ -366,11 +399,13 @@ def _score_clip(info, video_id, start, end, fps, frames, times, decode: DecodeCo
         "fps": None if info.is_image else float(info.fps),
         "width": int(info.display_width), "height": int(info.display_height),
         "is_image": bool(info.is_image),
-        "sharpness_min": float(sharp.min), "sharpness_median": float(sharp.median),
+        "sharpness_min": float(sharp.min), "sharpness_low": float(sharp.low), "sharpness_median": float(sharp.median),
         "motion_mean": None if mot is None else float(mot.mean),
         "motion_max": None if mot is None else float(mot.max),
+        "pixel_change": None if mot is None else float(mot.change),
         "overlay_score": None if ovl is None else float(ovl.score),
         "overlay_box": None if ovl is None or ovl.box is None else [float(v) for v in ovl.box],
+        "overlay_clip_score": None if ovl is None else float(ovl.score),
         "models": {},
         "stage_versions": {"analyze": CPU_STAGE_VERSION},
     }
@@ -378,10 +413,36 @@ def _score_clip(info, video_id, start, end, fps, frames, times, decode: DecodeCo
     # Every clip, rejected ones too (the report shows both), from the frames already in hand: no second decode.
     preview = preview_jpeg(frames, times, rec["duration"])
     if rec["reject_reasons"]:
-        return ClipResult(rec, None, None, preview)
+        return ClipResult(rec, None, None, preview, maps)
     # Frames for the model stages: about model_fps, but enough for a captioner's frame budget.
     pick = _every(times, decode.model_fps)
     if len(pick) < decode.model_frames_max:
         pick = _evenly(np.arange(len(times)), decode.model_frames_max)
     pick = _evenly(pick, decode.model_frames_max)
-    return ClipResult(rec, np.ascontiguousarray(frames[pick]), times[pick].astype(np.float32), preview)
+    return ClipResult(rec, np.ascontiguousarray(frames[pick]), times[pick].astype(np.float32), preview, maps)
+
+
+def _with_video_overlay(items: Iterator[ClipResult | VideoResult]) -> Iterator[ClipResult | VideoResult]:
+    """Pass the stream on, pooling each clip's overlay maps; the video row gets the evidence across its scenes.
+
+    Clips leave before the video is whole, so their records carry only their own evidence here: the run's writer
+    (and ``analyze_video``) applies the video's with :func:`apply_video_overlay` once the video row arrives.
+    """
+    pooled = VideoOverlay()
+    for item in items:
+        if isinstance(item, ClipResult):
+            pooled.add(item.overlay_maps)
+        elif item.video is not None and not item.video.get("is_image"):
+            ovl = pooled.result()
+            item.video["overlay_score"] = None if ovl is None else float(ovl.score)
+            item.video["overlay_box"] = None if ovl is None or ovl.box is None else [float(v) for v in ovl.box]
+        yield item
+
+
+def apply_video_overlay(rec: dict[str, Any], video: dict[str, Any], overlay_max: float | None) -> dict[str, Any]:
+    """Give a clip record its video's overlay evidence (``overlay_video_*``) and make ``overlay_score``/``_box`` the
+    stronger of the clip's and the video's; a clip the video's evidence puts over ``overlay_max`` is dropped."""
+    v_score, v_box = video.get("overlay_score"), video.get("overlay_box")
+    rec["overlay_video_score"], rec["overlay_video_box"] = v_score, v_box
+    if rec.get("overlay_clip_score") is None:  # a still image, or a clip whose scoring failed
+        return rec
