@@ -5,6 +5,13 @@ PySceneDetect's detectors do the scoring. Frames are shrunk to ``detect_width`` 
 detectors work on whole-frame HSV differences, so a 160 px frame finds the same hard cuts as a
 full-size one at a fraction of the cost (PySceneDetect's own ``auto_downscale`` targets 256 px).
 
+The same small frames give each frame's mean luma and chroma (no second pass over the pixels): a run of black
+frames (mean luma under ``black_luma``) with the fade-out before it and the fade-in after it is a
+:class:`Transition`, cut out of every clip and counted as one boundary at the middle of its black frames; a video
+whose non-black frames carry no chroma is grayscale, and its cuts are scored on luma alone (hue and saturation of
+a black-and-white film are codec noise). On the real-footage development set (tests/pipeline/devset.py: hard cuts,
+0.3 s shots, fades through black, grayscale copies and a real 1940 film) every cut is found within 2 frames.
+
 Frame numbers are 0-based everywhere. A cut at frame ``c`` means a new scene starts at ``c``.
 """
 from __future__ import annotations
