@@ -72,30 +72,35 @@ class RayHead:
                         RAY_USAGE_STATS_ENABLED="0")
         self.env.pop("RAY_ADDRESS", None)
         self.temp_dir = tmp  # Ray's socket paths must stay short
-        self.log = (tmp.parent / f"{tmp.name}-head.log").open("w")
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.log = (tmp / "head.log").open("w")  # removed with the temp dir
         self.proc = subprocess.Popen(
             [_ray_exe(), "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={_free_port()}",
              "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}", "--num-cpus=2",
-             "--include-dashboard=true", f"--temp-dir={tmp}", "--disable-usage-stats"],
+             "--include-dashboard=true", f"--temp-dir={tmp}", "--disable-usage-stats",
+             # Ray's fixed default ports (agent 52365, client server 10001) collide with any other Ray on the
+             # machine; a head whose dashboard agent cannot bind never accepts a job ("No available agent").
+             f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+             f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
+             f"--ray-client-server-port={_free_port()}"],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
 
     def wait_ready(self) -> None:
-        """Until a job submitted to the head runs: the dashboard answers and its job agent has registered
-        (a submission before that fails with `500: No available agent to submit job`)."""
+        """Until the head accepts a job: the dashboard answers and its job agent has registered (a submission
+        before that fails with `500: No available agent to submit job`)."""
         deadline = time.monotonic() + READY_DEADLINE_S
         last = ""
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"ray start --head exited with {self.proc.returncode}: {self.log_tail()}")
             try:
-                probe = _ray("job", "submit", f"--address={self.address}", "--", "python", "-c", "print('ready')",
-                             env=self.env, timeout=max(5.0, deadline - time.monotonic()))
+                probe = self.ray("job", "submit", "--no-wait", "--", "python", "-c", "print('ready')", timeout=120)
             except subprocess.TimeoutExpired as err:
                 last = f"timed out: {err}"
-                break
-            if probe.returncode == 0 and "ready" in probe.stdout:
+                continue
+            if probe.returncode == 0:
                 return
             last = (probe.stdout + probe.stderr)[-2000:]
             # Dashboard not listening yet, or the agent not registered yet: both clear up; anything else is real.
@@ -106,9 +111,43 @@ class RayHead:
         raise RuntimeError(f"the Ray head was not ready within {READY_DEADLINE_S:.0f}s; last answer: {last}\n"
                            f"{self.log_tail()}")
 
+    def ray(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        """A `ray job ...` command against this head (``args`` start with "job" and its subcommand)."""
+        return _ray(*args[:2], f"--address={self.address}", *args[2:], env=self.env, timeout=timeout)
+
+    def submit(self, *entrypoint: str, timeout: float) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir <repo> -- <entrypoint>`, then wait for the job by polling its status (not
+        by tailing its log stream, which has been seen to hang on a loaded machine). stdout: the job's log and
+        its final status; returncode 0 when the job succeeded."""
+        sid = f"test-{secrets.token_hex(6)}"
+        sub = self.ray("job", "submit", "--no-wait", f"--submission-id={sid}", "--working-dir", str(REPO),
+                       "--", *entrypoint, timeout=300)
+        if sub.returncode != 0:
+            return sub
+        deadline = time.monotonic() + timeout
+        status = None
+        while time.monotonic() < deadline:
+            status = self.ray("job", "status", sid, timeout=120)
+            if any(f": {s}" in status.stdout + status.stderr for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+                break
+            time.sleep(1.0)  # polling interval
+        else:
+            self.ray("job", "stop", sid, timeout=120)
+            raise TimeoutError(f"job {sid} ({' '.join(entrypoint)}) did not finish within {timeout:.0f}s")
+        logs = self.ray("job", "logs", sid, timeout=120)
+        done = status.stdout + status.stderr
+        return subprocess.CompletedProcess(
+            sub.args, 0 if ": SUCCEEDED" in done else 1,
+            stdout=f"{logs.stdout}\n{done}", stderr=sub.stderr + logs.stderr)
+
     def log_tail(self) -> str:
+        """The head's own output and the tails of the logs that say why its job agent is missing."""
         self.log.flush()
-        return Path(self.log.name).read_text()[-3000:]
+        parts = [Path(self.log.name).read_text()[-3000:]]
+        for name in ("dashboard_agent.log", "raylet.out", "dashboard.log"):
+            for f in sorted(self.temp_dir.glob(f"session_*/logs/{name}"))[-1:]:
+                parts.append(f"--- {f}\n{f.read_text(errors='replace')[-3000:]}")
+        return "\n".join(parts)
 
     def stop(self) -> None:
         """SIGTERM to `ray start --block` (it stops the processes it started), then SIGKILL to whatever of its
@@ -147,7 +186,6 @@ def submit_job(ray_head: RayHead) -> Callable[..., subprocess.CompletedProcess]:
     """A function that runs `ray job submit --working-dir <repo> -- <entrypoint>` against the session's head."""
 
     def submit(*entrypoint: str, timeout: float = 900) -> subprocess.CompletedProcess:
-        return _ray("job", "submit", f"--address={ray_head.address}", "--working-dir", str(REPO),
-                    "--", *entrypoint, env=ray_head.env, timeout=timeout)
+        return ray_head.submit(*entrypoint, timeout=timeout)
 
     return submit
