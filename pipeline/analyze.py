@@ -446,3 +446,10 @@ def apply_video_overlay(rec: dict[str, Any], video: dict[str, Any], overlay_max:
     rec["overlay_video_score"], rec["overlay_video_box"] = v_score, v_box
     if rec.get("overlay_clip_score") is None:  # a still image, or a clip whose scoring failed
         return rec
+    own = Overlay(float(rec["overlay_clip_score"]), tuple(rec["overlay_box"]) if rec.get("overlay_box") else None)
+    best = best_evidence(own, None if v_score is None else Overlay(float(v_score), tuple(v_box) if v_box else None))
+    rec["overlay_score"] = best.score
+    rec["overlay_box"] = None if best.box is None else [float(v) for v in best.box]
+    if overlay_max is not None and best.score > overlay_max and "static_overlay" not in rec["reject_reasons"]:
+        rec["reject_reasons"].append("static_overlay")
+    return rec
