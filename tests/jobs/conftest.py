@@ -130,7 +130,7 @@ class RayHead:
             status = self.ray("job", "status", sid, timeout=120)
             if any(f": {s}" in status.stdout + status.stderr for s in ("SUCCEEDED", "FAILED", "STOPPED")):
                 break
-            time.sleep(1.0)  # polling interval
+            time.sleep(5.0)  # polling interval: each `ray job status` is a Python process importing Ray
         else:
             self.ray("job", "stop", sid, timeout=120)
             raise TimeoutError(f"job {sid} ({' '.join(entrypoint)}) did not finish within {timeout:.0f}s")
