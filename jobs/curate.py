@@ -96,6 +96,22 @@ def _summary(summary, out: Path, catalog: Path | None, wall: float) -> None:
     ])
 
 
+def _check_layout(cfg: CurateConfig, session: _cli.RaySession) -> None:
+    """Ray Data keeps every model actor alive for the whole run: if they and one decode task do not fit in the
+    cluster's CPUs at once, the decode task is never scheduled and the run waits for ever. On an in-process
+    cluster (its size is final) that is refused; on a joined one (it may scale up) it is a warning line."""
+    n_actors = len(cfg.run.stages) * cfg.ray.actors_per_stage
+    need = cfg.ray.task_cpus + n_actors * cfg.ray.actor_cpus
+    if not session.cpus or need <= session.cpus + 1e-9:
+        return
+    msg = (f"[ray] layout needs {need:g} CPUs at once (one {cfg.ray.task_cpus:g}-CPU decode task beside {n_actors} "
+           f"model actors of {cfg.ray.actor_cpus:g} CPU) but the cluster has {session.cpus:g}: the decode task would "
+           f"never be scheduled; lower [ray] task_cpus or actor_cpus")
+    if session.address == "local":
+        raise _cli.UsageError(msg)
+    print(f"warning: {msg} (or let the cluster scale up)", file=sys.stderr, flush=True)
+
+
 @_cli.entry
 def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
@@ -124,6 +140,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(cfg.run.output).expanduser().resolve()
     ray_session = _cli.start_ray(_cli.ray_address(args.address, cfg.ray.address), out)
     print(ray_session.describe(), flush=True)
+    try:
+        _check_layout(cfg, ray_session)
+    except _cli.UsageError:
+        ray_session.close()
+        raise
 
     def progress(done: int, total: int, uri: str, status: str) -> None:
         print(f"[{done}/{total}] {Path(uri).name}: {status}", flush=True)

@@ -16,7 +16,10 @@ def test_ray_job_submit_curates_into_tables(tmp_path, submit_job):
     raw = tmp_path / "raw"
     generate_sample(raw)
     out = tmp_path / "out"
-    sub = submit_job("python", "-m", "jobs.curate", "--input", str(raw), "--output", str(out))
+    # The head has 2 CPUs: half-CPU decode tasks fit beside the five quarter-CPU model actors.
+    cfg = tmp_path / "curate.toml"
+    cfg.write_text("[ray]\ntask_cpus = 0.5\n")
+    sub = submit_job("python", "-m", "jobs.curate", "--input", str(raw), "--output", str(out), "--config", str(cfg))
     assert sub.returncode == 0, (sub.stdout + sub.stderr)[-5000:]
     assert "succeeded" in (sub.stdout + sub.stderr).lower()
 
