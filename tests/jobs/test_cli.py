@@ -1,6 +1,6 @@
 """Every `python -m jobs.*` at the console, through real subprocesses: a bad config or bad argument is one line on
 stderr naming the key or flag and exit status 2 (never a traceback); --dry-run lists and touches nothing; --limit
-takes the first N. None of these start Ray."""
+takes the first N. None of these start Ray but the one marked slow."""
 from __future__ import annotations
 
 import os
@@ -183,3 +183,13 @@ def test_train_relative_config_paths_refused_inside_a_ray_job():
     # The shipped stage config reads out/shards and writes runs/: both relative.
     assert_usage_error(run_job("jobs.train", "--config", "jobs/configs/vae_stage1.toml", env=job_env),
                        "[data] root 'out/shards'", "relative")
+
+
+@pytest.mark.slow  # starts an in-process Ray to learn its size
+def test_curate_refuses_a_ray_layout_that_can_never_schedule(tmp_path):
+    """A decode task that cannot fit beside the model actors would leave the run waiting for ever: refused."""
+    cfg = _toml(tmp_path, "[ray]\ntask_cpus = 4096.0\n")
+    line = assert_usage_error(run_job("jobs.curate", "--config", cfg, "--output", str(tmp_path / "o"), "--no-catalog"),
+                              "[ray] layout needs", "never be scheduled", "task_cpus")
+    assert "4096" in line
+    assert not (tmp_path / "o" / "clips.parquet").exists()
