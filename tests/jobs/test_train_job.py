@@ -41,7 +41,7 @@ def test_stage_kind_picks_the_trainer(tmp_path: Path) -> None:
     cfg.write_text('[stage]\nkind = "vae"\n[train]\nsteps = 3\n')
     assert load_stage(cfg).train.steps == 3
     cfg.write_text('[stage]\nkind = "gan"\n')
-    with pytest.raises(ValueError, match=r"\[stage\] kind: expected one of \['vae'\], got 'gan'"):
+    with pytest.raises(ValueError, match=r"\[stage\] kind: expected one of \['dit', 'vae'\], got 'gan'"):
         load_stage(cfg)
 
 
