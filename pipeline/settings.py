@@ -74,7 +74,7 @@ class RayConfig:
 
     address: str = ""            # empty: RAY_ADDRESS if set (ray job submit sets it), else an in-process cluster
     task_cpus: float = 1.0       # per decode+score task
-    actor_cpus: float = 0.25     # per model actor: fractional so actors never starve the decode tasks on small hosts
+    actor_cpus: float = 0.2      # per model actor: fractional so one decode task and five actors fit on 2 CPUs
     actors_per_stage: int = 1
     batch_size: int = 8          # clips per model batch
 
