@@ -126,7 +126,9 @@ def test_standins_are_named_in_the_output(sample_run):
     run = sample_run["runs"][-1]
     assert run["standin_models"] is True
     kept = [c for c in sample_run["clips"] if not c["reject_reasons"]]
-    assert all(all(v.startswith("standin:") for _, v in c["models"]) for c in kept)
+    # Every model stage is a named stand-in, except OCR, which runs the real PP-OCRv4 weights its wheel ships.
+    assert all(v.startswith("PP-OCRv4-det:") if k == "ocr" else v.startswith("standin:") for c in kept for k, v in c["models"])
+    assert all(any(k == "ocr" for k, _ in c["models"]) for c in kept)
     counts = json.loads(run["counts"])
     assert counts["videos"] == len(sample_run["videos"]) and counts["rejects"] == len(sample_run["rejects"])
     blurry = sum("blurry" in c["reject_reasons"] for c in sample_run["clips"])
@@ -191,7 +193,8 @@ def test_each_caption_belongs_to_its_clip(tmp_path, ray_local):
         cfg = CurateConfig.load(None, {
             "run": {"input": str(raw), "output": str(tmp_path / "out"), "register_catalog": False},
             "models": {"standin_dir": str(tmp_path / "standins")},
-            "prefilter": {"sharpness_min": None, "motion_min": None, "overlay_max": None},
+            "prefilter": {"sharpness_min": None, "change_min": None, "motion_min": None, "overlay_max": None,
+                          "text_area_max": None, "text_persistent_max": None},
             "caption": {"backend": "openai", "model": "brightness-vlm", "base_url": f"http://127.0.0.1:{server.server_port}/v1",
                         "timeout_s": 30.0, "retries": 0, "concurrency": 2, "num_frames": 4},
             "ray": {"batch_size": 3},
