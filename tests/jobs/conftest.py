@@ -128,7 +128,8 @@ class RayHead:
         status = None
         while time.monotonic() < deadline:
             status = self.ray("job", "status", sid, timeout=120)
-            if any(f": {s}" in status.stdout + status.stderr for s in ("SUCCEEDED", "FAILED", "STOPPED")):
+            # A finished job reads "Job '<id>' succeeded" / "failed" / "was stopped"; a running one "Status for ...".
+            if any(f"Job '{sid}' {s}" in status.stdout + status.stderr for s in ("succeeded", "failed", "was stopped")):
                 break
             time.sleep(5.0)  # polling interval: each `ray job status` is a Python process importing Ray
         else:
@@ -137,7 +138,7 @@ class RayHead:
         logs = self.ray("job", "logs", sid, timeout=120)
         done = status.stdout + status.stderr
         return subprocess.CompletedProcess(
-            sub.args, 0 if ": SUCCEEDED" in done else 1,
+            sub.args, 0 if f"Job '{sid}' succeeded" in done else 1,
             stdout=f"{logs.stdout}\n{done}", stderr=sub.stderr + logs.stderr)
 
     def log_tail(self) -> str:
