@@ -1,6 +1,12 @@
 """A real Ray head on loopback for the `ray job submit` tests, started once per session and stopped by its own
-process ids (never `ray stop`, which ends every Ray cluster on the machine)."""
+process ids, so no other Ray cluster on the machine is touched."""
 from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/procs.py, shared with test_end_to_end
+from procs import descendants  # noqa: E402
 
 import os
 import secrets
@@ -33,24 +39,6 @@ def _ray_exe() -> str:
 
 def _ray(*args: str, env: dict, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run([_ray_exe(), *args], env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def _descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (from /proc: no psutil here)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
 
 
 def _alive(pid: int) -> bool:
@@ -153,7 +141,7 @@ class RayHead:
     def stop(self) -> None:
         """SIGTERM to `ray start --block` (it stops the processes it started), then SIGKILL to whatever of its
         own descendants is left: only pids this head spawned, never anything found by name."""
-        pids = _descendants(self.proc.pid)
+        pids = descendants(self.proc.pid)
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
@@ -161,7 +149,7 @@ class RayHead:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(timeout=30)
-        for pid in pids | _descendants(self.proc.pid):
+        for pid in pids | descendants(self.proc.pid):
             if _alive(pid):
                 try:
                     os.kill(pid, signal.SIGKILL)

@@ -2,6 +2,8 @@
 again: every step is skipped and no output is rewritten."""
 from __future__ import annotations
 
+from procs import descendants
+
 import json
 import tomllib
 from pathlib import Path
@@ -116,24 +118,6 @@ def test_a_rerun_skips_every_step_and_rewrites_nothing(run, capsys) -> None:
     assert changed == []
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (from /proc)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
 def _hq_clips(db: Path, out: Path) -> list[str]:
     ckpt = latest_checkpoint(out / "runs" / "dit_hq")
     return [r[0] for r in _query(db, f"SELECT clip_id FROM checkpoint_clips WHERE checkpoint = '{ckpt}' ORDER BY 1")]
@@ -169,7 +153,7 @@ def test_killed_in_the_dit_stage_it_resumes_from_that_stages_checkpoint(run, cap
             assert proc.poll() is None, (out.parent / "killed.log").read_text()[-3000:]
             time.sleep(0.5)
     finally:
-        pids = _descendants(proc.pid) | {proc.pid}
+        pids = descendants(proc.pid) | {proc.pid}
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
