@@ -1,5 +1,6 @@
 """Shard job: a SQL selection over kept_clips in, bucketed WebDataset tars and catalog rows out.
 
+    python -m jobs.shards --catalog OUT/catalog.duckdb --output OUT/shards      # every kept clip
     python -m jobs.shards --catalog OUT/catalog.duckdb --where "aesthetic_mean >= 5.0" --output OUT/shards
     python -m jobs.shards ... --dry-run        # the buckets each clip would go to, touching nothing
     ray job submit --working-dir . -- python -m jobs.shards --catalog /abs/DB --where ... --output /abs/OUT
@@ -85,7 +86,8 @@ def _parser() -> _cli.ArgumentParser:
     ap = _cli.ArgumentParser(prog="python -m jobs.shards", description=__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--catalog", required=True, help="catalog DuckDB file (jobs.curate writes OUT/catalog.duckdb)")
-    ap.add_argument("--where", required=True, help="SQL condition over kept_clips, e.g. \"aesthetic_mean >= 5.0\"")
+    ap.add_argument("--where", default="true",
+                    help="SQL condition over kept_clips, e.g. \"aesthetic_mean >= 5.0\" (default: every kept clip)")
     ap.add_argument("--output", required=True, help="shard output folder")
     ap.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML with [buckets], [shards], [ray]")
     ap.add_argument("--overwrite", action="store_true", help="replace shards of a different selection in --output")
@@ -114,11 +116,12 @@ def _dry_run(rows: list[dict], out: Path, where: str, buckets: BucketConfig, sha
     per_bucket: dict[str, int] = {}
     for c in plan.clips:
         per_bucket[c.bucket.name] = per_bucket.get(c.bucket.name, 0) + 1
-        print(f"  {c.row['clip_id']}  ->  {out}/{c.bucket.name}/")
+        at = f" (stride {c.stride}, {c.bucket.fps:g} fps)" if c.stride != 1 else ""
+        print(f"  {c.row['clip_id']}{at}  ->  {out}/{c.bucket.name}/")
     for clip_id, reason in plan.skipped:
         print(f"  {clip_id}  fits no bucket: {reason}")
     _cli.summary_table("would do", [
-        ("clips selected", len(rows)), ("to write", len(plan.clips)), ("fit no bucket", len(plan.skipped)),
+        ("clips selected", len(rows)), ("samples to write", len(plan.clips)), ("fit no bucket", len(plan.skipped)),
         ("buckets", _cli.by_reason(per_bucket)), ("output", f"{out} ({state})"),
     ])
     return 0
@@ -167,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"shards: {verb} {m['samples']} samples in {m['shards']} tars under {out}"
           f" ({len(m['buckets'])} buckets, {len(m['skipped'])} clips fit no bucket, {len(m['errors'])} errors)")
     for name, b in sorted(m["buckets"].items()):
-        rate = f"{b['fps']:g} fps" if b["frames"] > 1 else "image"
+        strides = buckets.strides_for(b["frames"])
+        rate = "image" if b["frames"] == 1 else f"{b['fps']:g} fps" if strides == (1,) else \
+            f"{b['fps']:g} fps at strides {', '.join(map(str, strides))}"
         print(f"  {name} ({rate}): {b['samples']} samples, {len(b['shards'])} tars")
     for e in m["errors"][:10]:
         print(f"  error {e['clip_id']}: {e['error']}", file=sys.stderr)

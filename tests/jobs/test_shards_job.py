@@ -99,6 +99,18 @@ def test_limit_writes_only_the_first_clips(catalog, tmp_path, capsys):
     assert "(first 3 by clip_id)" in manifest["where"] and "inputs     3 selected clips" in printed
 
 
+def test_where_defaults_to_every_kept_clip(catalog, tmp_path, capsys):
+    """No --where selects all of kept_clips (a stricter predicate is the user's choice, not a default that can
+    select nothing: stand-in aesthetic scores are ~0.15)."""
+    out = tmp_path / "shards"
+    assert job.main(["--catalog", str(catalog), "--output", str(out), "--dry-run",
+                     "--config", str(catalog.parent / "shards.toml")]) == 0
+    printed = capsys.readouterr().out
+    kept = _rows(catalog, "SELECT count(*) FROM kept_clips")[0][0]
+    assert kept > 0 and f"shards: {kept} kept clips match 'true'" in printed
+    assert not out.exists()
+
+
 def test_bad_where_exits_non_zero_with_duckdb_message(catalog, tmp_path, capsys):
     out = tmp_path / "shards"
     assert job.main(["--catalog", str(catalog), "--where", "aesthetic >= 5", "--output", str(out)]) == 2
