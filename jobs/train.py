@@ -2,6 +2,7 @@
 
     python -m jobs.train --config jobs/configs/vae_stage1.toml      # 17 frames at 256x256 + images
     python -m jobs.train --config jobs/configs/vae_stage2.toml      # 161 frames, from stage 1
+    python -m jobs.train --config STAGE.toml --catalog OUT/catalog.duckdb   # lineage of a stage without [selection]
     ray job submit --working-dir . -- python -m jobs.train --config jobs/configs/vae_stage1.toml \
         --workers 8 --gpus-per-worker 1
 
@@ -10,7 +11,9 @@ stage). Each trainer module has ``config_from_dict(data)`` (its frozen stage con
 ``PATH_FIELDS``, ``ray`` and ``train.steps``) and ``train_loop_per_worker(config)`` (trainer/runtime.py).
 
 Re-running the same config (same [ray] name and storage_path) resumes from the run's latest
-checkpoint. Relative paths in the config are resolved against the current directory here, once,
+checkpoint. A stage with ``[selection]`` records its checkpoint's lineage (tables ``checkpoints`` and
+``checkpoint_clips``) in that selection's catalog; any other stage does so in ``--catalog`` when given, with the
+clips of its ``[data] root`` shards in its buckets. Relative paths in the config are resolved against the current directory here, once,
 so every worker sees the same absolute paths; under ``ray job submit`` that directory is Ray's temporary
 working directory, so there the job refuses relative paths (naming the key) instead.
 Console: the rank-0 metric line per logged step, Ray's own output in STORAGE/NAME/ray.log, a summary at the end.
@@ -52,6 +55,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--gpus-per-worker", type=float, help="override [ray] gpus_per_worker")
     p.add_argument("--cpus-per-worker", type=float, help="override [ray] cpus_per_worker")
     p.add_argument("--steps", type=int, help="override [train] steps")
+    p.add_argument("--catalog", default=None,
+                   help="catalog DuckDB file to record the final checkpoint's lineage in (checkpoints, "
+                        "checkpoint_clips); a stage with [selection] records it in that selection's catalog")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: RAY_ADDRESS, else 'local': an in-process cluster)")
     return p.parse_args(argv)
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
         sel = selection.build(sel_cfg, _cli.ray_address(args.address))
         raw = dataclasses.replace(raw, data=dataclasses.replace(raw.data, root=str(sel.root)))
     cfg = resolve(raw, args)
+    catalog = lineage_catalog(args.catalog, sel_cfg, cfg)
     run_dir = Path(cfg.ray.storage_path) / cfg.ray.name if "://" not in cfg.ray.storage_path else None
     session = _cli.start_ray(_cli.ray_address(args.address), run_dir, show=_show_worker_line)
     print(session.describe(), flush=True)
@@ -154,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
                              metrics=dict(result.metrics))
         print(f"lineage: {n} clips of {sel.rows} selected ({sel.config.where!r}) recorded for "
               f"{result.checkpoint.path} in {sel.config.catalog}")
+    elif catalog is not None and result.checkpoint is not None:
+        n = record_lineage(catalog, result.checkpoint.path, cfg, dict(result.metrics))
+        print(f"lineage: {n} clips of {cfg.data.root} ({', '.join(cfg.data.buckets)}) recorded for "
+              f"{result.checkpoint.path} in {catalog}")
     _cli.summary_table(f"trained {cfg.ray.name} ({cfg.stage.kind})", [
         ("workers", f"{cfg.ray.workers} x ({cfg.ray.cpus_per_worker:g} CPU, {cfg.ray.gpus_per_worker:g} GPU)"),
         ("steps", f"{step} of {cfg.train.steps}"),
@@ -162,6 +173,49 @@ def main(argv: list[str] | None = None) -> int:
     ])
     print(f"done: step {step} checkpoint {result.checkpoint.path if result.checkpoint else None}")
     return 0
+
+
+def lineage_catalog(flag: str | None, sel_cfg: Any, cfg: Any) -> Path | None:
+    """The catalog ``--catalog`` names, checked before any training: it must exist (an absent file would become
+    an empty catalog whose clips the lineage rows name nothing of) and the stage's shards must have a manifest
+    (the clips are read from it). With ``[selection]`` the lineage goes to the selection's catalog; a
+    different ``--catalog`` is refused rather than silently ignored."""
+    if flag is None:
+        return None
+    _cli.refuse_relative_paths({"--catalog": flag})
+    path = Path(flag).expanduser().resolve()
+    if sel_cfg is not None:
+        if path != Path(sel_cfg.catalog).expanduser().resolve():
+            raise _cli.UsageError(f"--catalog {flag}: this stage's [selection] records its lineage in "
+                                  f"{sel_cfg.catalog}; expected no --catalog or that same file")
+        return None
+    if not path.is_file():
+        raise _cli.UsageError(f"--catalog {flag}: expected a catalog file (jobs.curate writes OUT/catalog.duckdb), "
+                              "found none")
+    from catalog.shards import read_manifest
+
+    try:
+        manifest = read_manifest(cfg.data.root)
+    except ValueError as err:
+        raise _cli.UsageError(f"--catalog: [data] root {cfg.data.root}: {err}") from None
+    if manifest is None:
+        raise _cli.UsageError(f"--catalog: [data] root {cfg.data.root}: expected a shard folder with manifest.json "
+                              "(the lineage lists the clips of its samples), found none")
+    return path
+
+
+def record_lineage(catalog: str | Path, checkpoint: str | Path, cfg: Any, metrics: dict[str, Any]) -> int:
+    """Register ``checkpoint`` of the stage ``cfg`` and the clips of its ``[data] root`` shards in its buckets
+    (tables checkpoints, checkpoint_clips); returns the distinct clips recorded."""
+    from catalog.db import register_checkpoint
+
+    rec = register_checkpoint(
+        catalog, checkpoint=checkpoint, run=cfg.ray.name, stage=cfg.ray.name, kind=cfg.stage.kind,
+        step=int(metrics.get("step", 0)), config=dataclasses.asdict(cfg), shards_output=cfg.data.root,
+        buckets=cfg.data.buckets, init_from=getattr(cfg.train, "init_from", "") or None,
+        metrics={k: v for k, v in metrics.items() if isinstance(v, (int, float, str))},
+    )
+    return rec.distinct_clips
 
 
 def failure_line(err: BaseException) -> str:

@@ -174,3 +174,62 @@ def test_a_failed_run_is_one_line_naming_the_cause_and_exit_1(tmp_path: Path, ca
     assert len(failed) == 1, failed
     assert failed[0].startswith("training failed: rank 0: IncompleteShardsError: shard folder ")
     assert "manifest.json is missing: the shard job did not finish" in failed[0] and "allow_partial" in failed[0]
+
+
+def test_catalog_flag_records_a_stage_checkpoints_lineage(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """`jobs.train --catalog DB` on a stage without [selection]: the checkpoint and exactly the clips of its
+    [data] root shards in its buckets land in checkpoints / checkpoint_clips (what the training run records
+    after fit(), here called on a checkpoint folder; the walkthrough test runs the whole command). A missing
+    catalog or a root without a manifest is refused before any training."""
+    import json
+    import sys
+
+    from catalog.db import open_catalog, register_run
+    from catalog.shard_index import select_clips
+    from jobs.train import record_lineage
+    from pipeline.shards import ShardConfig, build_shards
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from shard_fixtures import SMALL_BUCKETS, make_library, write_run
+
+    videos, clips = make_library(tmp_path / "raw")
+    db = tmp_path / "catalog.duckdb"
+    register_run(db, write_run(tmp_path / "run", videos, clips))
+    shards = tmp_path / "shards"
+    build_shards(select_clips(db, "true"), shards, where="true", buckets=SMALL_BUCKETS,
+                 shards=ShardConfig(preset="ultrafast", maxcount=2))
+    built = json.loads((shards / "manifest.json").read_text())["buckets"]
+    video_buckets = sorted(b for b in built if not b.startswith("1x"))
+    assert video_buckets and len(video_buckets) < len(built), "the fixture's shards hold no video bucket"
+    stage = tmp_path / "stage.toml"
+    stage.write_text(STAGE.format(chunk=0, ckpt="none", root=shards, buckets=str(video_buckets).replace("'", '"'),
+                                  weights=[1.0] * len(video_buckets), batch_sizes=[1] * len(video_buckets),
+                                  heldout=video_buckets[0], disc_start=1, steps=3, init_from="",
+                                  runs=tmp_path / "runs", name="vae_small")
+                     .replace(f'heldout_root = "{shards}/heldout"\n', "").replace(f"{shards}/train", str(shards)))
+    cfg = resolve(load_stage(stage), parse_args(["--config", str(stage)]))
+    ckpt = tmp_path / "runs" / "vae_small" / "checkpoint_000003"
+    ckpt.mkdir(parents=True)
+    n = record_lineage(db, ckpt, cfg, {"step": 3, "loss": 0.25, "nested": {"dropped": 1}})
+
+    con = open_catalog(db, read_only=True)
+    try:
+        row = con.execute("SELECT run, stage, kind, step, buckets, metrics FROM checkpoints WHERE checkpoint = ?",
+                          [str(ckpt)]).fetchall()
+        trained = con.execute("SELECT clip_id, bucket FROM checkpoint_clips WHERE checkpoint = ? ORDER BY ALL",
+                              [str(ckpt)]).fetchall()
+        want = con.execute("SELECT clip_id, bucket FROM shard_samples WHERE output = ? AND NOT starts_with(bucket, "
+                           "'1x') ORDER BY ALL", [str(shards)]).fetchall()
+        images = con.execute("SELECT count(*) FROM shard_samples WHERE output = ? AND starts_with(bucket, '1x')",
+                             [str(shards)]).fetchone()[0]
+    finally:
+        con.close()
+    assert row == [("vae_small", "vae_small", "vae", 3, sorted(video_buckets), '{"loss": 0.25, "step": 3}')]
+    assert trained == want and n == len({c for c, _ in want}) > 0
+    assert images > 0  # the image bucket was in the shards but not in the stage's buckets: not recorded
+
+    assert train_job(["--config", str(stage), "--catalog", str(tmp_path / "absent.duckdb")]) == 2
+    assert "--catalog" in capsys.readouterr().err and not (tmp_path / "absent.duckdb").exists()
+    (shards / "manifest.json").unlink()
+    assert train_job(["--config", str(stage), "--catalog", str(db)]) == 2
+    assert "expected a shard folder with manifest.json" in capsys.readouterr().err
