@@ -14,7 +14,16 @@ Only complete shard folders are read: the shard writers put ``manifest.json`` (e
 sha256) down after their last tar, so a folder without one, or whose tars are missing or of another size than it
 lists, is a job that did not finish; ``dataset_shards`` refuses it naming the missing pieces, before any model is
 built, unless ``allow_partial = true`` in ``[data]``. A tar that fails to read while training stops the run with
-``ShardReadError`` naming the tar and the reader's own error.
+``ShardReadError`` naming the tar and the reader's own error. A tar that reads to its end with fewer samples than its
+manifest lists (Python's tarfile takes a corrupt header in the middle for the end of the archive, without a word)
+gives one bad sample per missing one, named with the expected and the actual count.
+
+Bad samples (undecodable, wrong shape, no caption for the DiT, missing from a damaged tar) are skipped and counted
+under one budget both loaders share (``BadSampleBudget``: ``[data] max_bad_samples``, ``max_bad_fraction``); the
+step metrics carry the counts, and a loader over budget stops with ``BadDataError`` (a ``ShardReadError``) naming
+the shard and the sample's own error. The sha256 the manifest lists is not checked when training starts: that
+reads every byte of the dataset on every start and rank; the sizes are (a stat per tar), the sample counts as each
+tar is read, and a tar that fails either check has its sha256 compared in the error message.
 """
 from __future__ import annotations
 
@@ -72,8 +81,18 @@ class DataConfig:
     allow_partial: bool = False
     """Train on a shard folder without a complete manifest (a killed shard job's tars), with a warning; off, such a
     folder is refused naming what is missing."""
+    max_bad_samples: int = 16
+    """Bad samples (undecodable, wrong shape, missing from a damaged tar) a rank may skip before it stops; 0 stops at
+    the first (``BadSampleBudget``)."""
+    max_bad_fraction: float = 0.01
+    """Also stop when more than this fraction of the samples read were bad (checked after ``bad_check_after``)."""
+    bad_check_after: int = 100
+    """Samples to read before the fraction is checked (one bad first sample is not yet a rate)."""
+    max_bad_run: int = 64
+    """Consecutive bad samples after a window (while filling its batch) that stop the loader at once."""
 
     def __post_init__(self) -> None:
+        check_budget("DataConfig", self)
         if not (len(self.buckets) == len(self.weights) == len(self.batch_sizes)):
             raise ValueError(
                 "DataConfig: buckets, weights and batch_sizes must have the same length, got "
@@ -104,6 +123,74 @@ class ShardReadError(RuntimeError):
     Holds only its message, so it crosses DataLoader workers and Ray Train intact (webdataset's own exception
     carries the open file, which cannot be pickled).
     """
+
+
+class BadDataError(ShardReadError):
+    """More bad samples than the ``[data]`` budget allows: the message names the shard(s) and the samples' errors."""
+
+
+class BadSampleWarning(UserWarning):
+    """A shard sample was skipped (undecodable bytes, wrong shape, no caption, missing from a damaged tar)."""
+
+
+def check_budget(owner: str, cfg: Any) -> None:
+    """The budget fields both data configs carry, checked alike."""
+    if cfg.max_bad_samples < 0:
+        raise ValueError(f"{owner}.max_bad_samples: expected >= 0 (0 stops at the first bad sample), got "
+                         f"{cfg.max_bad_samples}")
+    if not 0.0 <= cfg.max_bad_fraction < 1.0:
+        raise ValueError(f"{owner}.max_bad_fraction: expected a fraction in [0, 1), got {cfg.max_bad_fraction}")
+    if cfg.bad_check_after < 1 or cfg.max_bad_run < 1:
+        raise ValueError(f"{owner}: expected bad_check_after >= 1 and max_bad_run >= 1, got "
+                         f"{cfg.bad_check_after} and {cfg.max_bad_run}")
+
+
+class BadSampleBudget:
+    """One rank's skipped bad samples against the ``[data]`` budget, the same for the VAE and the DiT loader.
+
+    ``account(read, bad)`` takes each batch's window (samples of the stream it consumed) and its bad samples
+    (dicts with ``key``, ``shard``, ``reason``) and raises ``BadDataError`` once more than ``max_bad_samples`` were
+    skipped, or more than ``max_bad_fraction`` of at least ``bad_check_after`` samples read. ``state_dict`` goes
+    into the checkpoint so a resumed run keeps counting; ``metrics`` are the step metric counters.
+    """
+
+    def __init__(self, cfg: Any, state: dict[str, Any] | None = None) -> None:
+        state = state or {}
+        self.max_bad_samples, self.max_bad_fraction = cfg.max_bad_samples, cfg.max_bad_fraction
+        self.bad_check_after = cfg.bad_check_after
+        self.samples_read = int(state.get("samples_read", 0))
+        self.bad_samples = int(state.get("bad_samples", 0))
+        self.bad_by_shard: dict[str, int] = dict(state.get("bad_by_shard", {}))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"samples_read": self.samples_read, "bad_samples": self.bad_samples,
+                "bad_by_shard": dict(self.bad_by_shard)}
+
+    def metrics(self) -> dict[str, float]:
+        """Counters for the step metrics (this rank's; ``trainer.metrics.data_metrics`` sums them over ranks)."""
+        return {"data_samples_read": float(self.samples_read), "data_bad_samples": float(self.bad_samples),
+                "data_bad_fraction": self.bad_samples / max(self.samples_read, 1)}
+
+    def account(self, read: int, bad: list[dict[str, str]]) -> None:
+        self.samples_read += read
+        for b in bad:
+            self.bad_samples += 1
+            self.bad_by_shard[b["shard"]] = self.bad_by_shard.get(b["shard"], 0) + 1
+        if not bad:
+            return
+        if self.bad_samples > self.max_bad_samples:
+            over = (f"{self.bad_samples} bad sample(s) skipped of {self.samples_read} read, over the budget of "
+                    f"max_bad_samples {self.max_bad_samples}" + (" (stop at the first)" if not self.max_bad_samples else ""))
+        elif (self.samples_read >= self.bad_check_after
+              and self.bad_samples > self.max_bad_fraction * self.samples_read):
+            over = (f"{self.bad_samples} of {self.samples_read} samples read were bad "
+                    f"({self.bad_samples / self.samples_read:.1%} > max_bad_fraction {self.max_bad_fraction:.1%})")
+        else:
+            return
+        worst = sorted(self.bad_by_shard.items(), key=lambda kv: -kv[1])
+        last = bad[-1]
+        raise BadDataError(f"{over}; last: sample {last['key']} in shard {last['shard']}: {last['reason']}; "
+                           f"bad samples by shard: {worst[:10]}")
 
 
 def dataset_shards(root: str, buckets: Iterable[str], *, allow_partial: bool) -> dict[str, list[str]]:
@@ -147,22 +234,114 @@ def _shard_error(exn: BaseException) -> bool:
         raise exn
     first = exn.args[0] if exn.args and isinstance(exn.args[0], str) else str(exn)
     detail = re.sub(r" @ <_io\.\w+ name=.*?>", "", first)
-    where = ""
-    if url and Path(url).is_file():
-        size, entry = Path(url).stat().st_size, _listed(url)
-        if entry is None:
-            where = f" ({size} bytes; not listed in a {MANIFEST})"
-        elif entry["bytes"] != size:
-            where = f" ({size} bytes on disk, its manifest says {entry['bytes']}: truncated or rewritten)"
-        elif file_sha256(url) != entry["sha256"]:
-            where = f" ({size} bytes as its manifest says, but its sha256 differs: the tar is corrupt)"
+    raise ShardReadError(f"shard {url}{_against_manifest(url)}: {type(exn).__name__}: {detail}") from None
+
+
+def _against_manifest(url: str) -> str:
+    """" (<what the tar's size and sha256 say against its manifest>)" for an error message; reads the tar once."""
+    if not Path(url).is_file():
+        return ""
+    size, entry = Path(url).stat().st_size, _listed(url)
+    if entry is None:
+        return f" ({size} bytes; not listed in a {MANIFEST})"
+    if entry["bytes"] != size:
+        return f" ({size} bytes on disk, its manifest says {entry['bytes']}: truncated or rewritten)"
+    if file_sha256(url) != entry["sha256"]:
+        return f" ({size} bytes as its manifest says, but its sha256 differs: the tar is corrupt)"
+    return " (size and sha256 as its manifest says)"
+
+
+MISSING = "__missing__"
+"""Key of the stand-in sample a short tar yields for each sample its manifest lists but the reader did not get;
+its value is the reason (loaders count it as a bad sample)."""
+
+
+def listed_counts(root: str | Path) -> dict[str, int]:
+    """{tar path: samples} as ``root``'s manifest lists them (empty without a readable manifest: nothing to check)."""
+    try:
+        manifest = read_manifest(root)
+    except ManifestError:
+        return {}
+    if manifest is None:
+        return {}
+    return {str(Path(root) / s["shard"]): int(s["samples"])
+            for entry in manifest["buckets"].values() for s in entry["shards"]}
+
+
+def _samples_of_tars(expected: dict[str, int] | None = None):
+    """Samples of each tar in turn (read errors re-raised as ``ShardReadError``), then the tar's count checked
+    against ``expected`` ({tar path: samples}, a manifest's): Python's tarfile ends a tar at a corrupt header in
+    its middle as if the archive ended there, so a damaged tar would otherwise just train on fewer samples. Each
+    missing sample becomes a ``MISSING`` stand-in at the end of its tar, so the stream keeps the positions (and
+    a resume the samples) the manifest implies; more samples than listed raise ``ShardReadError``."""
+    expected = expected or {}
+
+    def stage(src: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        for shard in src:
+            url = shard["url"]
+            got = 0
+            try:
+                for sample in wds.tarfile_to_samples(handler=_shard_error)(iter([shard])):
+                    got += 1
+                    yield sample
+            finally:
+                if shard.get("stream") is not None:  # webdataset's url_opener put it there and never closes it
+                    shard["stream"].close()
+            want = expected.get(url)
+            if want is None or got == want:
+                continue
+            reason = (f"shard {url}{_against_manifest(url)}: its manifest lists {want} samples, the reader got {got}"
+                      + (" (a corrupt tar header ends the tar early)" if got < want else ""))
+            if got > want:
+                raise ShardReadError(reason)
+            for i in range(got, want):
+                yield {"__key__": f"{Path(url).name}:missing{i}", "__url__": url, MISSING: reason}
+
+    return stage
+
+
+def _decoded_or_reason(decode: Any, sample: dict[str, Any]) -> Any:
+    """``decode(sample)``, or the reason the sample is bad (a string)."""
+    if MISSING in sample:
+        return sample[MISSING]
+    try:
+        return decode(sample)
+    except _bad_sample_errors() as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _fill_window(stream: _RawStream, bs: int, decode: Any, *, max_bad_run: int, bucket: str, step: int
+                 ) -> tuple[list[tuple[dict[str, Any], Any]], list[dict[str, str]]]:
+    """One step's window of ``bs`` samples decoded: ([(raw sample, decoded)] * bs, its bad samples).
+
+    Bad samples are skipped with a warning; the batch keeps its size by taking the next good samples after the
+    window (which then appear twice, once here and once in their own window), so which samples a step reads
+    never depends on what decoded. More than ``max_bad_run`` bad ones in a row after the window stop at once."""
+    good, bad = [], []
+    for sample in stream.take(bs):
+        got = _decoded_or_reason(decode, sample)
+        if isinstance(got, str):
+            bad.append({"key": str(sample.get("__key__")), "shard": str(sample.get("__url__")), "reason": got})
+            warnings.warn(f"skipped bad {_where(sample)}: {got}", BadSampleWarning, stacklevel=3)
         else:
-            where = " (size and sha256 as its manifest says)"
-    raise ShardReadError(f"shard {url}{where}: {type(exn).__name__}: {detail}") from None
-
-
-def _samples_of_tars():
-    return wds.tarfile_to_samples(handler=_shard_error)
+            good.append((sample, got))
+    k = 0
+    while len(good) < bs:
+        # Fill from the samples after the window; a bad one there is counted in its own window.
+        if k >= max_bad_run:
+            shards = sorted({b["shard"] for b in bad})
+            raise BadDataError(
+                f"bucket {bucket}: could not fill a batch of {bs} for step {step}: {len(bad)} of its {bs} samples "
+                f"are bad and the {k} after them gave only {len(good) - (bs - len(bad))} good "
+                f"(max_bad_run {max_bad_run}); bad samples in shards {shards}; "
+                f"first: {bad[0]['reason'] if bad else '?'}"
+            )
+        sample = stream.ahead(k)
+        k += 1
+        got = _decoded_or_reason(decode, sample)
+        if not isinstance(got, str):
+            good.append((sample, got))
+    return good, bad
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,17 +412,25 @@ def _collate(samples: list[torch.Tensor]) -> torch.Tensor:
 
 def bucket_pipeline(
     urls: list[str], bucket: str, *, batch_size: int, seed: int, shardshuffle: bool,
-    rank: int = 0, world_size: int = 1, skip_samples: int = 0,
+    rank: int = 0, world_size: int = 1, skip_samples: int = 0, expected: dict[str, int] | None = None,
 ) -> wds.DataPipeline:
-    """Endless batches (B, 3, F, H, W) of one bucket for one rank, after skipping ``skip_samples``."""
+    """Endless batches (B, 3, F, H, W) of one bucket for one rank, after skipping ``skip_samples``; every sample
+    must decode (``BucketBatches`` is the trainer's loader, with the bad-sample budget)."""
     return wds.DataPipeline(
         _endless_shards(urls, seed, shardshuffle),
-        _samples_of_tars(),
+        _samples_of_tars(expected),
+        wds.map(_no_missing),
         _take_rank(rank, world_size),
         _skip(skip_samples),
         wds.map(lambda s: decode_sample(s, bucket)),
         wds.batched(batch_size, collation_fn=_collate, partial=False),
     )
+
+
+def _no_missing(sample: dict[str, Any]) -> dict[str, Any]:
+    if MISSING in sample:
+        raise ShardReadError(sample[MISSING])
+    return sample
 
 
 def bucket_for_step(seed: int, step: int, weights: tuple[float, ...]) -> int:
@@ -252,10 +439,16 @@ def bucket_for_step(seed: int, step: int, weights: tuple[float, ...]) -> int:
 
 
 class BucketBatches:
-    """Batches for successive steps, mixing buckets by weight; ``position`` is resumable state."""
+    """Batches for successive steps, mixing buckets by weight; ``position`` (batches given per bucket) and
+    ``budget.state_dict()`` (bad samples skipped) are the resumable state.
+
+    Step windows as in the DiT loader (``_fill_window``): batch n of a bucket reads samples [n * B, (n + 1) * B) of
+    its stream for this rank; a bad sample there is skipped, counted under the ``[data]`` budget and replaced by
+    the next good one after the window.
+    """
 
     def __init__(self, cfg: DataConfig, *, seed: int, rank: int, world_size: int,
-                 position: dict[str, int] | None = None) -> None:
+                 position: dict[str, int] | None = None, budget: dict[str, Any] | None = None) -> None:
         if not cfg.buckets:
             raise ValueError("DataConfig.buckets is empty: nothing to train on")
         self.cfg = cfg
@@ -263,28 +456,32 @@ class BucketBatches:
         self.rank = rank
         self.world_size = world_size
         self.position = {b: 0 for b in cfg.buckets} | dict(position or {})
-        self._streams: dict[str, Iterator[torch.Tensor]] = {}
+        self.budget = BadSampleBudget(cfg, budget)
+        self._streams: dict[str, _RawStream] = {}
         self.urls = dataset_shards(cfg.root, cfg.buckets, allow_partial=cfg.allow_partial)  # before any step
+        self.expected = listed_counts(cfg.root)
 
-    def _stream(self, i: int) -> Iterator[torch.Tensor]:
+    def _stream(self, i: int) -> _RawStream:
         bucket = self.cfg.buckets[i]
         if bucket not in self._streams:
-            bs = self.cfg.batch_sizes[i]
-            pipe = bucket_pipeline(
-                self.urls[bucket], bucket, batch_size=bs, seed=self.seed + i,
-                shardshuffle=self.cfg.shardshuffle, rank=self.rank, world_size=self.world_size,
-                skip_samples=self.position[bucket] * bs,
+            self._streams[bucket] = _RawStream(
+                self.urls[bucket], self.seed + i, self.cfg.shardshuffle, self.rank, self.world_size,
+                self.position[bucket] * self.cfg.batch_sizes[i], self.expected,
             )
-            self._streams[bucket] = iter(pipe)
         return self._streams[bucket]
+
+    def metrics(self) -> dict[str, float]:
+        return self.budget.metrics()
 
     def batch(self, step: int) -> tuple[str, torch.Tensor]:
         """(bucket, (B, 3, F, H, W)) for ``step``."""
         i = bucket_for_step(self.seed, step, self.cfg.weights)
-        bucket = self.cfg.buckets[i]
-        x = next(self._stream(i))
+        bucket, bs = self.cfg.buckets[i], self.cfg.batch_sizes[i]
+        good, bad = _fill_window(self._stream(i), bs, lambda s: decode_sample(s, bucket),
+                                 max_bad_run=self.cfg.max_bad_run, bucket=bucket, step=step)
         self.position[bucket] += 1
-        return bucket, x
+        self.budget.account(bs, bad)
+        return bucket, _collate([x for _, x in good])
 
 
 def heldout_clips(cfg: DataConfig, *, rank: int, world_size: int) -> list[torch.Tensor]:
@@ -294,7 +491,8 @@ def heldout_clips(cfg: DataConfig, *, rank: int, world_size: int) -> list[torch.
     urls = dataset_shards(cfg.heldout_root, [cfg.heldout_bucket], allow_partial=cfg.allow_partial)[cfg.heldout_bucket]
     pipe = wds.DataPipeline(
         wds.SimpleShardList(urls),
-        _samples_of_tars(),
+        _samples_of_tars(listed_counts(cfg.heldout_root)),
+        wds.map(_no_missing),  # held-out samples are few and fixed: a missing one is an error, not a skip
         wds.map(lambda s: decode_sample(s, cfg.heldout_bucket)),
     )
     clips = list(itertools.islice(pipe, cfg.heldout_samples))
@@ -313,10 +511,11 @@ def heldout_clips(cfg: DataConfig, *, rank: int, world_size: int) -> list[torch.
 # every ``num_workers`` (0 included) gives the same batches. The position is the number of samples
 # each bucket's stream has consumed (whole windows), which is all a resume needs.
 #
-# Bad samples (no caption, undecodable bytes, wrong shape) are skipped with a warning and counted;
-# the batch keeps its size by taking the next good samples after its window (which then appear twice,
-# once here and once in their own window), so the plan never depends on what decoded. The loader stops
-# with an error naming the shard when more than ``max_bad_fraction`` of the samples read were bad.
+# Bad samples (no caption, undecodable bytes, wrong shape, missing from a damaged tar) are skipped with a
+# warning and counted; the batch keeps its size by taking the next good samples after its window (which
+# then appear twice, once here and once in their own window: ``_fill_window``, shared with the VAE loader),
+# so the plan never depends on what decoded. The loader stops with an error naming the shard when the bad
+# samples exceed the ``[data]`` budget (``BadSampleBudget``, the same as the VAE loader's).
 #
 # Precomputed members (catalog.shards: written by the precompute job, same bucket layout): ``latent.npy``
 # holds the VAE posterior moments (2C, t, h, w), mean channels then log-variance channels, so the trainer
@@ -382,8 +581,11 @@ class DiTDataConfig:
     """DataLoader worker processes decoding ahead of the step; 0 decodes in the training process."""
     prefetch_factor: int = 2
     """Batches each worker prepares ahead."""
+    max_bad_samples: int = 16
+    """Bad samples (no caption, undecodable, wrong shape, missing from a damaged tar) a rank may skip before it
+    stops; 0 stops at the first (``BadSampleBudget``)."""
     max_bad_fraction: float = 0.01
-    """Stop when more than this fraction of the samples read were bad (no caption, undecodable, wrong shape)."""
+    """Also stop when more than this fraction of the samples read were bad (no caption, undecodable, wrong shape)."""
     bad_check_after: int = 100
     """Samples to read before the fraction is checked (one bad first sample is not yet a rate)."""
     max_bad_run: int = 64
@@ -409,21 +611,9 @@ class DiTDataConfig:
         if self.num_workers < 0 or self.prefetch_factor < 1:
             raise ValueError(f"DiTDataConfig: expected num_workers >= 0 and prefetch_factor >= 1, got "
                              f"{self.num_workers} and {self.prefetch_factor}")
-        if not 0.0 <= self.max_bad_fraction < 1.0:
-            raise ValueError(f"DiTDataConfig.max_bad_fraction: expected a fraction in [0, 1), got {self.max_bad_fraction}")
-        if self.bad_check_after < 1 or self.max_bad_run < 1:
-            raise ValueError(f"DiTDataConfig: expected bad_check_after >= 1 and max_bad_run >= 1, got "
-                             f"{self.bad_check_after} and {self.max_bad_run}")
+        check_budget("DiTDataConfig", self)
         if self.latent_scale < 0:
             raise ValueError(f"DiTDataConfig.latent_scale: expected > 0 (or 0 = from the VAE checkpoint), got {self.latent_scale}")
-
-
-class BadDataError(RuntimeError):
-    """Too many bad samples: the message names the shard(s)."""
-
-
-class BadSampleWarning(UserWarning):
-    """A shard sample was skipped (no caption, undecodable bytes or wrong shape)."""
 
 
 def _count_samples(url: str) -> int:
@@ -489,10 +679,11 @@ def step_plan(cfg: DiTDataConfig, seed: int, start_step: int, position: dict[str
 class _RawStream:
     """One bucket's undecoded samples for one rank from sample ``start`` on, with look-ahead."""
 
-    def __init__(self, urls: list[str], seed: int, shuffle: bool, rank: int, world_size: int, start: int) -> None:
+    def __init__(self, urls: list[str], seed: int, shuffle: bool, rank: int, world_size: int, start: int,
+                 expected: dict[str, int] | None = None) -> None:
         self._it = iter(wds.DataPipeline(
             _endless_shards(urls, seed, shuffle),
-            _samples_of_tars(),
+            _samples_of_tars(expected),
             _take_rank(rank, world_size),
             _skip(start),
         ))
@@ -603,58 +794,23 @@ class DiTSampleStream(torch.utils.data.IterableDataset):
 
     def __init__(self, cfg: DiTDataConfig, *, seed: int, rank: int = 0, world_size: int = 1, start_step: int = 0,
                  position: dict[str, int] | None = None, spatial_factor: int = 8, temporal_factor: int = 4,
-                 urls: dict[str, list[str]] | None = None) -> None:
+                 urls: dict[str, list[str]] | None = None, expected: dict[str, int] | None = None) -> None:
         super().__init__()
         if not cfg.buckets:
             raise ValueError("DiTDataConfig.buckets is empty: nothing to train on")
         self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
         # Checked here, in the training process, so the workers only read what passed.
         self.urls = urls if urls is not None else dataset_shards(cfg.root, cfg.buckets, allow_partial=cfg.allow_partial)
+        self.expected = expected if expected is not None else listed_counts(cfg.root)
         self.start_step = start_step
         self.position = {b: 0 for b in cfg.buckets} | dict(position or {})
         self.factors = (spatial_factor, temporal_factor)
 
-    def _decode(self, sample: dict[str, Any], bucket: str) -> dict[str, Any] | str:
-        """The decoded sample, or the reason it is bad."""
-        try:
-            return decode_dit_sample(sample, bucket, *self.factors)
-        except _bad_sample_errors() as e:
-            return f"{type(e).__name__}: {e}"
-
     def _batch(self, stream: _RawStream, step: int, bucket: str, bs: int) -> dict[str, Any]:
-        import warnings
-
-        window = stream.take(bs)
-        items, where, keys, bad = [], [], [], []
-        for sample in window:
-            got = self._decode(sample, bucket)
-            if isinstance(got, str):
-                bad.append({"key": str(sample.get("__key__")), "shard": str(sample.get("__url__")), "reason": got})
-                warnings.warn(f"skipped bad {_where(sample)}: {got}", BadSampleWarning, stacklevel=2)
-            else:
-                items.append(got)
-                where.append(_where(sample))
-                keys.append(str(sample.get("__key__")))
-        k = 0
-        while len(items) < bs:
-            # Fill from the samples after the window; a bad one there is counted in its own window.
-            if k >= self.cfg.max_bad_run:
-                shards = sorted({b["shard"] for b in bad})
-                raise BadDataError(
-                    f"bucket {bucket}: could not fill a batch of {bs} for step {step}: {len(bad)} of its {bs} samples "
-                    f"are bad and the {k} after them gave only {len(items) - (bs - len(bad))} good "
-                    f"(max_bad_run {self.cfg.max_bad_run}); bad samples in shards {shards}; "
-                    f"first: {bad[0]['reason'] if bad else '?'}"
-                )
-            sample = stream.ahead(k)
-            k += 1
-            got = self._decode(sample, bucket)
-            if not isinstance(got, str):
-                items.append(got)
-                where.append(_where(sample))
-                keys.append(str(sample.get("__key__")))
-        batch = _collate_dit(items, step, bucket, where)
-        batch |= {"keys": keys, "window": bs, "bad": bad}
+        good, bad = _fill_window(stream, bs, lambda s: decode_dit_sample(s, bucket, *self.factors),
+                                 max_bad_run=self.cfg.max_bad_run, bucket=bucket, step=step)
+        batch = _collate_dit([item for _, item in good], step, bucket, [_where(sample) for sample, _ in good])
+        batch |= {"keys": [str(sample.get("__key__")) for sample, _ in good], "window": bs, "bad": bad}
         return batch
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
@@ -665,7 +821,7 @@ class DiTSampleStream(torch.utils.data.IterableDataset):
             bucket, bs = self.cfg.buckets[i], self.cfg.batch_sizes[i]
             if i not in streams:
                 streams[i] = _RawStream(self.urls[bucket], self.seed + i, self.cfg.shardshuffle,
-                                        self.rank, self.world_size, offset)
+                                        self.rank, self.world_size, offset, self.expected)
             stream = streams[i]
             assert stream.next_index == offset, (stream.next_index, offset)
             if n % workers != worker:
@@ -689,25 +845,23 @@ class DiTBatches:
         self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
         self.step = int(state.get("step", 0))
         self.position = {b: 0 for b in cfg.buckets} | {k: int(v) for k, v in state.get("position", {}).items()}
-        self.samples_read = int(state.get("samples_read", 0))
-        self.bad_samples = int(state.get("bad_samples", 0))
-        self.bad_by_shard: dict[str, int] = dict(state.get("bad_by_shard", {}))
+        self.budget = BadSampleBudget(cfg, state)
         self.factors = (spatial_factor, temporal_factor)
         self.urls = dataset_shards(cfg.root, cfg.buckets, allow_partial=cfg.allow_partial)  # before any step
+        self.expected = listed_counts(cfg.root)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"step": self.step, "position": dict(self.position), "samples_read": self.samples_read,
-                "bad_samples": self.bad_samples, "bad_by_shard": dict(self.bad_by_shard)}
+        return {"step": self.step, "position": dict(self.position)} | self.budget.state_dict()
 
     def metrics(self) -> dict[str, float]:
         """Counters for the step metrics (this rank's)."""
-        return {"data_samples_read": float(self.samples_read), "data_bad_samples": float(self.bad_samples),
-                "data_bad_fraction": self.bad_samples / max(self.samples_read, 1)}
+        return self.budget.metrics()
 
     def loader(self) -> torch.utils.data.DataLoader:
         stream = DiTSampleStream(self.cfg, seed=self.seed, rank=self.rank, world_size=self.world_size,
                                  start_step=self.step, position=self.position,
-                                 spatial_factor=self.factors[0], temporal_factor=self.factors[1], urls=self.urls)
+                                 spatial_factor=self.factors[0], temporal_factor=self.factors[1], urls=self.urls,
+                                 expected=self.expected)
         n = self.cfg.num_workers
         return torch.utils.data.DataLoader(
             stream, batch_size=None, num_workers=n, prefetch_factor=self.cfg.prefetch_factor if n else None,
@@ -732,19 +886,7 @@ class DiTBatches:
     def _account(self, batch: dict[str, Any]) -> None:
         self.step = batch["step"]
         self.position[batch["bucket"]] += batch["window"]
-        self.samples_read += batch["window"]
-        for b in batch["bad"]:
-            self.bad_samples += 1
-            self.bad_by_shard[b["shard"]] = self.bad_by_shard.get(b["shard"], 0) + 1
-        if (batch["bad"] and self.samples_read >= self.cfg.bad_check_after
-                and self.bad_samples > self.cfg.max_bad_fraction * self.samples_read):
-            worst = sorted(self.bad_by_shard.items(), key=lambda kv: -kv[1])
-            last = batch["bad"][-1]
-            raise BadDataError(
-                f"{self.bad_samples} of {self.samples_read} samples read were bad "
-                f"({self.bad_samples / self.samples_read:.1%} > max_bad_fraction {self.cfg.max_bad_fraction:.1%}); "
-                f"last: sample {last['key']} in shard {last['shard']}: {last['reason']}; bad samples by shard: {worst[:10]}"
-            )
+        self.budget.account(batch["window"], batch["bad"])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ MFU = flops per token * tokens/s / peak flops.
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -27,6 +28,14 @@ PEAK_BF16_FLOPS: dict[str, float] = {
     "B200": 2.5e15,
     "B300": 2.5e15,
 }
+
+
+def data_metrics(batches: Any, device: torch.device) -> dict[str, float]:
+    """Samples read and bad samples skipped (``batches.metrics()``: a loader's ``BadSampleBudget``), summed over
+    ranks (a collective: every rank calls it)."""
+    m = batches.metrics()
+    read, bad = reduce_sum([m["data_samples_read"], m["data_bad_samples"]], device)
+    return {"data_samples_read": read, "data_bad_samples": bad, "data_bad_fraction": bad / max(read, 1.0)}
 
 
 class MetricWindow:

@@ -34,7 +34,7 @@ from trainer.losses import (
     recon_loss,
     time_window,
 )
-from trainer.metrics import MetricWindow
+from trainer.metrics import MetricWindow, data_metrics
 from trainer.models.vae import CausalVAE, VAEResBlock, psnr
 from trainer.runtime import (
     EMA,
@@ -189,12 +189,13 @@ def main(cfg: VAEStageConfig, run: RunContext) -> list[dict[str, float]]:
         perceptual = perceptual.to(device)
 
     # Where to start: this run's latest checkpoint, else the previous stage's EMA weights, else scratch.
-    start_step, position = 0, {}
+    start_step, position, budget = 0, {}, {}
     resume = find_resume(run)
     if resume is not None:
         model.load_state_dict(resume.state["model"])
         disc.load_state_dict(resume.state["disc"])
         start_step, position = resume.step, dict(resume.state["data_position"])
+        budget = dict(resume.state.get("data_budget", {}))  # bad samples skipped so far (older checkpoints: none)
         print(f"[rank {run.rank}] resuming from {resume.folder} at step {start_step}")
     elif tc.init_from:
         init, init_state = load_init(tc.init_from)
@@ -215,7 +216,8 @@ def main(cfg: VAEStageConfig, run: RunContext) -> list[dict[str, float]]:
         load_optimizer_state(disc, opt_d, resume.state["opt_d"])
 
     # Data.
-    batches = BucketBatches(cfg.data, seed=tc.seed, rank=run.rank, world_size=run.world_size, position=position)
+    batches = BucketBatches(cfg.data, seed=tc.seed, rank=run.rank, world_size=run.world_size, position=position,
+                            budget=budget)
     heldout = heldout_clips(cfg.data, rank=run.rank, world_size=run.world_size)
     heldout_total = min(cfg.data.heldout_samples, len(heldout) * run.world_size) if heldout else 0
     autocast = autocast_for(device, tc.precision)
@@ -236,7 +238,8 @@ def main(cfg: VAEStageConfig, run: RunContext) -> list[dict[str, float]]:
         last = step == tc.steps
         if step % tc.log_every and not last:
             continue
-        metrics = window.reduce(device) | {"step": step, "lr": schedule(step), "bucket_frames": x.shape[2]}
+        metrics = window.reduce(device) | data_metrics(batches, device)
+        metrics |= {"step": step, "lr": schedule(step), "bucket_frames": x.shape[2]}
         if heldout and (step % tc.eval_every == 0 or last):
             metrics["heldout_psnr"] = evaluate_psnr(model, heldout, heldout_total, run, autocast)
             metrics["heldout_psnr_ema"] = evaluate_psnr(ema.module, heldout, heldout_total, run, autocast)
@@ -249,6 +252,7 @@ def main(cfg: VAEStageConfig, run: RunContext) -> list[dict[str, float]]:
                 "model": model_state(model), "disc": model_state(disc),
                 "opt": optimizer_state(model, opt), "opt_d": optimizer_state(disc, opt_d),
                 "ema": ema.state_dict(), "step": step, "data_position": dict(batches.position),
+                "data_budget": batches.budget.state_dict(),
                 "config": stage_config_to_dict(cfg),
             }
             with_recon = bool(heldout) and step % tc.recon_every == 0

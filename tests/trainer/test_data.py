@@ -15,15 +15,22 @@ import pytest
 import torch
 
 from catalog.shards import (
+    Bucket,
+    BucketTarWriter,
     IncompleteShardsError,
     bucket_shards,
     decode_mp4,
     file_sha256,
+    make_manifest,
     manifest_is_complete,
+    missing_pieces,
     parse_bucket,
     read_manifest,
+    write_manifest,
 )
 from trainer.data import (
+    BadDataError,
+    BadSampleWarning,
     BucketBatches,
     DataConfig,
     DiTBatches,
@@ -36,7 +43,7 @@ from trainer.data import (
     decode_sample,
     heldout_clips,
 )
-from trainer.synthetic import encode_mp4, synthetic_clip, write_synthetic_shards
+from trainer.synthetic import encode_mp4, synthetic_clip, synthetic_files, write_synthetic_shards
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +259,105 @@ def test_a_truncated_tar_read_in_training_names_the_shard_and_the_read_error(sha
     with pytest.raises(ShardReadError, match=want[:-1]):
         for _, _ in zip(range(4), dit, strict=False):
             pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad samples: one budget for both loaders; a tar cut short by a corrupt header
+# ---------------------------------------------------------------------------------------------
+
+ONE = {"buckets": ("5x16x16",), "weights": (1.0,), "batch_sizes": (2,), "shardshuffle": False}
+
+
+def garbage_member_shards(root: Path, garbage: int = 2, n: int = 8) -> Path:
+    """Bucket 5x16x16 of ``n`` samples in tars of 4 (manifest included); sample ``garbage``'s mp4 member is
+    bytes that are no video."""
+    writer = BucketTarWriter(root, "5x16x16", maxcount=4, maxsize=2**62)
+    for i in range(n):
+        files = synthetic_files(i, "5x16x16")
+        if i == garbage:
+            files["mp4"] = b"\x00\x01 this is not an mp4" * 20
+        writer.write(f"clip{i:04d}", files)
+    write_manifest(root, make_manifest(writer.close(), {"5x16x16": Bucket(5, 16, 16, 8.0)}))
+    return root
+
+
+def test_vae_loader_skips_bad_samples_within_the_budget_and_counts_them(tmp_path: Path) -> None:
+    root = garbage_member_shards(tmp_path / "bad")
+    batches = BucketBatches(DataConfig(root=str(root), max_bad_samples=1, **ONE), seed=0, rank=0, world_size=1)
+    with pytest.warns(BadSampleWarning, match=r"sample clip0002 in shard .*shard-000000\.tar: InvalidDataError") as w:
+        got = [batches.batch(step)[1] for step in range(1, 5)]  # one epoch: 8 samples
+    assert len([x for x in w if x.category is BadSampleWarning]) == 1
+    assert all(x.shape == (2, 3, 5, 16, 16) for x in got)
+    # Step 2's window is clip0002 (bad) and clip0003: the batch keeps its size with the next good one, clip0004.
+    want = [decode_sample({"__key__": str(i), "mp4": synthetic_files(i, "5x16x16")["mp4"]}, "5x16x16") for i in (3, 4)]
+    torch.testing.assert_close(got[1], torch.stack(want))
+    torch.testing.assert_close(got[2][0], want[1])  # and clip0004 again in its own window
+    assert batches.metrics() == {"data_samples_read": 8.0, "data_bad_samples": 1.0, "data_bad_fraction": 0.125}
+    assert batches.budget.state_dict()["bad_by_shard"] == {str(root / "5x16x16" / "shard-000000.tar"): 1}
+    # The count is resumable state: a resumed loader continues it, and the next epoch's clip0002 is over budget.
+    resumed = BucketBatches(DataConfig(root=str(root), max_bad_samples=1, **ONE), seed=0, rank=0, world_size=1,
+                            position=dict(batches.position), budget=batches.budget.state_dict())
+    with pytest.warns(BadSampleWarning), pytest.raises(BadDataError, match="2 bad sample"):
+        for step in range(5, 9):
+            resumed.batch(step)
+
+
+def test_vae_loader_over_the_budget_stops_naming_the_shard_and_the_decoders_error(tmp_path: Path) -> None:
+    root = garbage_member_shards(tmp_path / "bad")
+    batches = BucketBatches(DataConfig(root=str(root), max_bad_samples=0, **ONE), seed=0, rank=0, world_size=1)
+    batches.batch(1)
+    want = (r"^1 bad sample\(s\) skipped of 4 read, over the budget of max_bad_samples 0 \(stop at the first\); "
+            rf"last: sample clip0002 in shard {root}/5x16x16/shard-000000\.tar: InvalidDataError: .*Invalid data")
+    with pytest.warns(BadSampleWarning), pytest.raises(BadDataError, match=want) as caught:
+        batches.batch(2)
+    assert isinstance(caught.value, ShardReadError)  # jobs.train reports it as one line
+    assert str(pickle.loads(pickle.dumps(caught.value))) == str(caught.value)
+    # The DiT loader has the same budget (one implementation): through a DataLoader worker, the same error.
+    dit = DiTBatches(DiTDataConfig(root=str(root), max_bad_samples=0, num_workers=1, **ONE), seed=0)
+    with pytest.raises(BadDataError, match=want):
+        for _ in zip(range(2), dit, strict=False):
+            pass
+    with pytest.raises(ValueError, match="max_bad_samples: expected >= 0"):
+        DataConfig(max_bad_samples=-1)
+
+
+def corrupt_header(tar: Path, sample: int) -> None:
+    """Overwrite the tar header of sample ``sample``'s first member with garbage, keeping the file's size."""
+    with tarfile.open(tar) as t:
+        member = [m for m in t.getmembers() if m.isfile()][sample * 3]  # 3 members (mp4, txt, json) per sample
+    data = bytearray(tar.read_bytes())
+    data[member.offset:member.offset + 512] = b"\xab" * 512
+    tar.write_bytes(bytes(data))
+
+
+def test_a_tar_cut_short_by_a_corrupt_header_is_counted_against_its_manifest(shards: Path, tmp_path: Path) -> None:
+    root = _copy(shards, tmp_path / "hdr")
+    tar = root / "5x16x16" / "shard-000000.tar"  # 3 samples
+    corrupt_header(tar, 1)
+    # Python's tarfile takes the bad header for the end of the archive: no error, 1 of its 3 samples.
+    with tarfile.open(tar) as t:
+        assert len(t.getmembers()) == 3
+    cfg = DataConfig(root=str(root), **(ONE | {"batch_sizes": (1,)}))
+    size = tar.stat().st_size
+    assert missing_pieces(root) == []  # the size is as the manifest says: only reading the tar shows it
+    want = (rf"shard {tar} \({size} bytes as its manifest says, but its sha256 differs: the tar is corrupt\): "
+            r"its manifest lists 3 samples, the reader got 1 \(a corrupt tar header ends the tar early\)")
+    stopping = BucketBatches(dataclasses.replace(cfg, max_bad_samples=0), seed=0, rank=0, world_size=1)
+    stopping.batch(1)
+    with pytest.warns(BadSampleWarning), pytest.raises(BadDataError, match=want):
+        stopping.batch(2)
+    # Within the budget the two missing samples count as bad ones; the epoch keeps the manifest's 10 positions.
+    skipping = BucketBatches(dataclasses.replace(cfg, max_bad_samples=2), seed=0, rank=0, world_size=1)
+    with pytest.warns(BadSampleWarning, match=want):
+        for step in range(1, 11):
+            skipping.batch(step)
+    assert skipping.metrics()["data_bad_samples"] == 2 and skipping.metrics()["data_samples_read"] == 10
+    # The DiT loader and the held-out clips read through the same check.
+    dit = DiTBatches(DiTDataConfig(root=str(root), max_bad_samples=0, num_workers=0, **(ONE | {"batch_sizes": (1,)})),
+                     seed=0)
+    with pytest.warns(BadSampleWarning), pytest.raises(BadDataError, match=want):
+        for _ in zip(range(3), dit, strict=False):
+            pass
+    with pytest.raises(ShardReadError, match=want):
+        heldout_clips(DataConfig(heldout_root=str(root), heldout_bucket="5x16x16", heldout_samples=10),
+                      rank=0, world_size=1)

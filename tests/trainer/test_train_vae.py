@@ -125,3 +125,36 @@ def test_training_raises_heldout_psnr(tmp_path: Path) -> None:
           f"{history[-1]['heldout_psnr']:.2f} dB (raw)")
     assert after > before + LEARNING_MARGIN_DB, f"held-out PSNR {before:.2f} dB -> {after:.2f} dB"
     assert history[-1]["loss_rec"] < history[0]["loss_rec"]
+
+
+def test_bad_samples_are_skipped_counted_in_the_metric_lines_then_stop_the_stage(tmp_path: Path) -> None:
+    from catalog.shards import Bucket, BucketTarWriter, make_manifest, write_manifest
+    from trainer.data import BadDataError
+    from trainer.synthetic import synthetic_files
+
+    root = tmp_path / "shards"
+    writer = BucketTarWriter(root, "5x16x16", maxcount=4, maxsize=2**62)
+    for i in range(4):
+        files = synthetic_files(i, "5x16x16")
+        if i == 1:
+            files["mp4"] = b"\x00\x01 this is not an mp4" * 20  # a real tar member that no decoder reads
+        writer.write(f"clip{i:04d}", files)
+    write_manifest(root, make_manifest(writer.close(), {"5x16x16": Bucket(5, 16, 16, 8.0)}))
+
+    def cfg(budget: int) -> Any:
+        return stage_config_from_dict({
+            "model": {"preset": "tiny", "chunk_latent_frames": 1},
+            "data": {"root": str(root), "buckets": ["5x16x16"], "weights": [1.0], "batch_sizes": [2],
+                     "shardshuffle": False, "max_bad_samples": budget},
+            "loss": {"disc_start": 100, "disc_channels": 8, "disc_layers": 2, "disc_frames": 3},
+            "train": {"steps": 2, "log_every": 1, "eval_every": 2, "ckpt_every": 2, "recon_every": 2},
+        })
+
+    with pytest.warns(UserWarning, match="clip0001"):
+        history = main(cfg(1), LocalRun(tmp_path / "within"))
+    assert [(m["data_samples_read"], m["data_bad_samples"]) for m in history] == [(2.0, 1.0), (4.0, 1.0)]
+    state, _ = load_checkpoint(latest_checkpoint(tmp_path / "within"), rank=0)
+    assert state["data_budget"]["bad_samples"] == 1  # a resume keeps counting
+    with pytest.warns(UserWarning), pytest.raises(BadDataError, match=r"max_bad_samples 0 .*sample clip0001 in shard "
+                                                                       r".*5x16x16/shard-000000\.tar: InvalidDataError"):
+        main(cfg(0), LocalRun(tmp_path / "over"))
