@@ -25,6 +25,7 @@ import argparse
 import dataclasses
 import importlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,6 +91,9 @@ def build_trainer(cfg: Any):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
+    # Ray Train's workers re-route print() through the root logger *and* tee it to stdout, so every metric
+    # line reached the console twice; the driver's value of this variable is what its workers get.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     train_loop_per_worker = importlib.import_module(STAGES[cfg.stage.kind]).train_loop_per_worker
     use_gpu = cfg.ray.gpus_per_worker > 0
     resources = {"CPU": cfg.ray.cpus_per_worker} | ({"GPU": cfg.ray.gpus_per_worker} if use_gpu else {})

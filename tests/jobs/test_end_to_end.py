@@ -48,6 +48,9 @@ def test_every_step_ran_and_the_closing_table_lists_them(run) -> None:
     table = console[console.index("end_to_end done:"):]
     assert all(f"  {step}" in table for step in STEPS)
     assert "stand-in" in console  # the tiny stand-ins are named as such
+    # Each worker metric line reaches the console once (Ray Train's print patch used to print every one twice).
+    metric_lines = [line for line in console.splitlines() if line.startswith("step ")]
+    assert metric_lines and len(metric_lines) == len(set(metric_lines))
 
 
 def test_tables_catalog_shards_and_a_vae_checkpoint_per_stage(run) -> None:
