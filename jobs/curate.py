@@ -34,39 +34,51 @@ def _parser() -> _cli.ArgumentParser:
     return ap
 
 
+def _skip_counts(counts: dict[str, int]) -> dict[str, int]:
+    """{reason: n} of the run's ``skipped`` rows, from its counts (``skipped:<reason>``, as pipeline.run keeps them)."""
+    return {k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("skipped:")}
+
+
 def _dry_run(cfg: CurateConfig, limit: int | None) -> int:
-    from pipeline.analyze import uri_key
-    from pipeline.run import PartWriter, _scoring_config, list_inputs, make_run_id
+    from pipeline.analyze import shown, uri_key
+    from pipeline.run import PartWriter, _scoring_config, make_run_id, scan_inputs
 
     out = Path(cfg.run.output).expanduser().resolve()
     print("dry run: nothing is read beyond the file listing, nothing is written")
     if not cfg.run.input:
-        print(f"  input:  none given; the built-in sample would be generated into {out / 'sample_input'}")
+        print(f"  input:  none given; the built-in sample would be generated into {shown(str(out / 'sample_input'))}")
         uris: list[str] = []
-        ignored: list[str] = []
+        skips = []
     else:
         try:
-            uris, ignored = list_inputs(cfg.run.input, cfg.run.extensions)
+            uris, skips = scan_inputs(cfg.run.input, cfg.run.extensions)
         except FileNotFoundError as err:
             raise _cli.UsageError(f"--input: {err}") from None
-        print(f"  input:  {Path(cfg.run.input).expanduser().resolve()}")
+        print(f"  input:  {shown(str(Path(cfg.run.input).expanduser().resolve()))}")
     limited = uris[limit:] if limit is not None else []
     uris = uris[:limit] if limit is not None else uris
     run_id = make_run_id(cfg, uris)
     writer = PartWriter(out, run_id, hashlib.sha256(_scoring_config(cfg).encode()).hexdigest()[:16],
                         {uri_key(u): u for u in uris})
     done = [u for u in uris if writer.is_done(uri_key(u), u)]
+    # File names need not be UTF-8: print them escaped (pipeline.analyze.shown), as the tables and logs show them.
     for u in uris:
-        print(f"  {'done   ' if u in done else 'process'}  {u}")
-    for u in ignored:
-        print(f"  ignore   {u}  (extension not in [run] extensions)")
+        print(f"  {'done   ' if u in done else 'process'}  {shown(u)}")
+    for k in skips:
+        why = "extension not in [run] extensions" if k.reason == "extension" else "skipped"
+        print(f"  ignore   {shown(k.uri)}  ({k.reason}: {shown(k.detail)}; {why})")
     for u in limited:
-        print(f"  skip     {u}  (beyond --limit {limit})")
-    print(f"  output: {out}/{{videos,clips,rejects,runs}}.parquet, {out}/_parts/, {out}/ray.log"
-          + ("" if not cfg.run.register_catalog else f", {out}/catalog.duckdb"))
+        print(f"  skip     {shown(u)}  (beyond --limit {limit})")
+    o = shown(str(out))
+    print(f"  output: {o}/{{videos,clips,rejects,skipped,runs}}.parquet, {o}/_parts/, {o}/ray.log"
+          + ("" if not cfg.run.register_catalog else f", {o}/catalog.duckdb"))
+    reasons: dict[str, int] = {}
+    for k in skips:
+        reasons[k.reason] = reasons.get(k.reason, 0) + 1
     _cli.summary_table("would do", [
         ("inputs", len(uris)), ("to process", len(uris) - len(done)), ("already done", len(done)),
-        ("ignored (extension)", len(ignored)), ("beyond --limit", len(limited)), ("run id", run_id),
+        ("skipped", f"{len(skips)}: {_cli.by_reason(reasons)}" if skips else "none"),
+        ("beyond --limit", len(limited)), ("run id", run_id),
     ])
     return 0
 
@@ -81,12 +93,12 @@ def _summary(summary, out: Path, catalog: Path | None, wall: float) -> None:
     for r in rejects:
         key = f"{r['stage']}:{r['error_class']}"
         input_reasons[key] = input_reasons.get(key, 0) + 1
-    outputs = f"{out}/{{videos,clips,rejects,runs}}.parquet"
+    outputs = f"{out}/{{videos,clips,rejects,skipped,runs}}.parquet"
     if catalog is not None:
         outputs += f"\n{catalog}"
     _cli.summary_table(f"run {summary.run_id}" + ("  [tiny stand-in models]" if summary.standins else ""), [
         ("inputs", f"{c['inputs']} ({c['processed_now']} processed now, {c['resumed_skipped']} already done)"),
-        ("skipped", f"{c['ignored_extension']} ignored for their extension"),
+        ("skipped", f"{c['skipped']}: {_cli.by_reason(_skip_counts(c))}" if c.get("skipped") else "none"),
         ("videos", c["videos"]),
         ("clips kept", f"{c['kept_clips']} of {c['clips']}"),
         ("clip rejects", _cli.by_reason(clip_reasons)),

@@ -135,13 +135,6 @@ def scan_inputs(root: str | Path, extensions: tuple[str, ...]) -> tuple[list[str
     return sorted(files, key=_path_order), sorted(skipped, key=lambda k: _path_order(k.uri))
 
 
-def list_inputs(root: str | Path, extensions: tuple[str, ...]) -> tuple[list[str], list[str]]:
-    """Media files under ``root`` (sorted, absolute), and the files ignored for their extension
-    (``scan_inputs`` tells every skipped entry and why)."""
-    files, skipped = scan_inputs(root, extensions)
-    return files, [k.uri for k in skipped if k.reason == "extension"]
-
-
 def config_json(cfg: CurateConfig) -> str:
     return json.dumps(dataclasses.asdict(cfg), sort_keys=True, default=str)
 

@@ -88,9 +88,57 @@ def test_curate_dry_run_lists_inputs_and_touches_nothing(tmp_path):
     assert f"process  {raw / 'a.mp4'}" in text and f"process  {raw / 'b.jpg'}" in text   # sorted, first 2
     assert f"skip     {raw / 'c.mov'}  (beyond --limit 2)" in text
     assert f"ignore   {raw / 'notes.txt'}" in text
-    assert f"{out}/{{videos,clips,rejects,runs}}.parquet" in text
-    assert "to process           2" in text and "ray:" not in text  # no cluster was started
+    assert f"{out}/{{videos,clips,rejects,skipped,runs}}.parquet" in text
+    assert "to process      2" in text and "ray:" not in text  # no cluster was started
     assert not out.exists() and sorted(p.name for p in raw.iterdir()) == ["a.mp4", "b.jpg", "c.mov", "notes.txt"]
+
+
+def odd_entries(raw: Path) -> dict[str, Path]:
+    """A media file with a name that is not UTF-8 beside a text file, a dot-file, a broken link and a link loop."""
+    raw.mkdir()
+    odd = Path(os.fsdecode(os.fsencode(str(raw)) + b"/caf\xe9.mp4"))  # Latin-1 e-acute: no valid UTF-8
+    odd.write_bytes(b"not read by a dry run")
+    (raw / "notes.txt").write_text("x")
+    (raw / ".hidden.mp4").write_bytes(b"x")
+    (raw / "gone.mp4").symlink_to(raw / "nowhere.mp4")
+    (raw / "loop.mp4").symlink_to(raw / "loop.mp4")
+    return {"odd": odd}
+
+
+def test_curate_dry_run_prints_undecodable_names_escaped_and_every_skip_reason(tmp_path):
+    raw = tmp_path / "raw"
+    odd_entries(raw)
+    proc = subprocess.run([sys.executable, "-m", "jobs.curate", "--input", str(raw), "--output", str(tmp_path / "o"),
+                           "--dry-run"], cwd=REPO, capture_output=True, timeout=300,
+                          env=dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONIOENCODING="utf-8"))
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    text = proc.stdout.decode("utf-8")  # strict: the raw 0xE9 byte of the name would fail here
+    assert f"process  {raw}/caf\\xe9.mp4" in text
+    assert f"ignore   {raw}/gone.mp4  (broken_symlink: -> {raw}/nowhere.mp4; skipped)" in text
+    assert f"ignore   {raw}/notes.txt  (extension: .txt; extension not in [run] extensions)" in text
+    assert "skipped         4: broken_symlink 1, extension 1, hidden 1, symlink_loop 1" in text
+
+
+def test_curate_summary_counts_the_runs_skipped_rows_by_reason(tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    from jobs.curate import _summary
+    from pipeline.run import curate
+    from pipeline.settings import CurateConfig
+
+    raw = tmp_path / "raw"
+    odd_entries(raw)
+    # --limit 0 leaves no input to process (the one media file is limited away), so the run needs no Ray: it lists
+    # the folder, writes its tables and counts, as any run does.
+    cfg = CurateConfig.load(None, {"run": {"input": str(raw), "output": str(tmp_path / "out"), "stages": [],
+                                           "register_catalog": False}})
+    summary = curate(cfg, limit=0)
+    _summary(summary, summary.output, None, 0.0)
+    printed = capsys.readouterr().out
+    reasons = pq.read_table(summary.output / "skipped.parquet").column("reason").to_pylist()
+    assert sorted(reasons) == ["broken_symlink", "extension", "hidden", "symlink_loop"]
+    assert "skipped        4: broken_symlink 1, extension 1, hidden 1, symlink_loop 1" in printed
+    assert "ignored for their extension" not in printed
 
 
 def test_curate_relative_paths_refused_inside_a_ray_job(tmp_path):
