@@ -15,7 +15,10 @@ A sample is the tar members ``<key>.<ext>`` sharing one ``__key__`` (``sample_ke
 
 - ``mp4`` (H.264 yuv420p, F frames) or ``jpg`` (F = 1): the pixels, from ``encode_h264`` / ``encode_jpg``;
 - ``txt``: the caption, UTF-8;
-- ``json``: clip id, source video id, span, fps, frames, bucket, scores (``META_FIELDS``), sorted keys;
+- ``json``: clip id, source video id, span, fps, frames, bucket, scores (``META_FIELDS``), sorted keys. ``fps`` is
+  the sample's own frame rate: a writer may put one clip into a bucket at several frame strides (CogVideo's
+  multi-frame-rate training), and a sample taken at ``stride`` s from frames resampled to the bucket's rate has
+  ``fps`` = that rate / s (the pipeline's writer also records ``stride``); images have fps 0;
 - ``latent.npy`` / ``text.npy`` / ``text_mask.npy`` (optional, precomputed for the DiT): arrays as
   ``.npy`` bytes (``encode_array``: no pickles, so reading a shard never runs code).
 
@@ -42,7 +45,8 @@ MANIFEST = "manifest.json"
 # Bump when the bytes written for the same clip and config change (encoder settings, json layout, manifest).
 # 2: one encoder for every writer (x264 mbtree off), manifest checked on read.
 # 3: every shard entry carries its sha256; the manifest is written (and fsynced) after the last tar.
-SHARDS_VERSION = "3"
+# 4: a clip may be written at several frame strides (sample json gains ``stride``; ``fps`` is the sample's own).
+SHARDS_VERSION = "4"
 
 # Sample members (WebDataset keys: the member name after the sample key's '.').
 VIDEO_KEY = "mp4"
@@ -135,7 +139,8 @@ def bucket_name(frames: int, height: int, width: int) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Bucket:
-    """One training shape. ``fps`` is 0.0 for the image bucket (a still has no frame rate).
+    """One training shape. ``fps`` is 0.0 for the image bucket (a still has no frame rate). In a manifest it is
+    the rate the bucket's clips are resampled to; a sample written at frame stride s has fps / s (its json says).
 
     Not checked on construction: a writer's verifier builds buckets from whatever a decoder returned.
     """
@@ -154,15 +159,19 @@ class Bucket:
         return self.frames == 1
 
 
-def sample_key(clip_id: str) -> str:
-    """WebDataset ``__key__`` for a clip: readable, deterministic, unique, and free of '.' and '/'.
+def sample_key(clip_id: str, stride: int = 1) -> str:
+    """WebDataset ``__key__`` for a clip (at a frame stride): readable, deterministic, unique, free of '.' and '/'.
 
     WebDataset splits a member name at the first '.' of its basename, so the id's other
     characters become '_' and a short hash of the exact id keeps two ids that differ only
-    in those characters apart.
+    in those characters apart. Stride 1 is the clip's plain key; another stride names itself
+    (``..._stride2_<hash>``), so the same clip at two frame rates is two distinct samples.
     """
-    readable = re.sub(r"[^A-Za-z0-9-]", "_", clip_id)
-    return f"{readable}_{hashlib.sha256(clip_id.encode()).hexdigest()[:8]}"
+    if not (isinstance(stride, int) and not isinstance(stride, bool) and stride >= 1):
+        raise ValueError(f"sample_key: expected a frame stride >= 1, got {stride!r}")
+    ident = clip_id if stride == 1 else f"{clip_id}@stride{stride}"
+    readable = re.sub(r"[^A-Za-z0-9-]", "_", ident)
+    return f"{readable}_{hashlib.sha256(ident.encode()).hexdigest()[:8]}"
 
 
 # ---------------------------------------------------------------------------------------------------------

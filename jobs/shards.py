@@ -121,7 +121,7 @@ def _dry_run(rows: list[dict], out: Path, where: str, buckets: BucketConfig, sha
     for clip_id, reason in plan.skipped:
         print(f"  {clip_id}  fits no bucket: {reason}")
     _cli.summary_table("would do", [
-        ("clips selected", len(rows)), ("samples to write", len(plan.clips)), ("fit no bucket", len(plan.skipped)),
+        ("clips selected", len(rows)), ("to write", len(plan.clips)), ("fit no bucket", len(plan.skipped)),
         ("buckets", _cli.by_reason(per_bucket)), ("output", f"{out} ({state})"),
     ])
     return 0

@@ -22,11 +22,18 @@ teach the model blurred pixels, so such a clip gets no bucket (with a reason) in
 
 A source whose frame rate is below the bucket fps gets no bucket either: reaching the bucket
 fps would repeat frames, which teaches the model stutter.
+
+Frame strides (CogVideo's multi-frame-rate training): ``strides`` lists, per frame bucket, the strides its
+samples are written at (default 1 only). Stride s takes every s-th frame of the clip resampled to ``fps``,
+so the sample's frame rate is fps / s and it spans s times as long; bucket frame i is then the source frame
+nearest i·s / fps, i.e. exactly stride-1 frame i·s. Each stride is assigned on its own: the largest frame
+bucket that lists it and that the clip can fill at fps / s (same resolution rule), so a clip too short for
+its stride-1 bucket at stride 2 lands in a smaller one, or gets no stride-2 sample.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -59,6 +66,10 @@ class BucketConfig:
     """Largest allowed enlargement of the centre crop to reach the bucket size."""
     aspect_tolerance: float = 0.05
     """Table entries within this log-ratio of the nearest aspect count as that aspect."""
+    strides: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    """Frame strides per frame bucket, keyed by its frame count: ``{"17" = [1, 2]}`` writes every clip that
+    fits the 17-frame bucket at 8 fps and at 4 fps (fps / stride). A bucket not named takes stride 1 only; the
+    image bucket takes only 1 (a still has no frame rate)."""
 
     def __post_init__(self) -> None:
         if not self.frames:
@@ -79,6 +90,25 @@ class BucketConfig:
         sizes = [parse_size(r) for r in self.resolutions]
         if len(set(sizes)) != len(sizes):
             raise BucketConfigError(f"buckets.resolutions: expected distinct entries, got {list(self.resolutions)}")
+        for key, strides in self.strides.items():
+            if not (key.isdigit() and int(key) in self.frames):
+                raise BucketConfigError(f"buckets.strides: expected keys naming frame buckets of buckets.frames "
+                                        f"{[str(f) for f in self.frames]}, got {key!r}")
+            if not strides or len(set(strides)) != len(strides) or any(
+                    not isinstance(s, int) or isinstance(s, bool) or s < 1 for s in strides):
+                raise BucketConfigError(f"buckets.strides.{key}: expected distinct strides >= 1, got {list(strides)}")
+            if int(key) == 1 and tuple(strides) != (1,):
+                raise BucketConfigError(f"buckets.strides.1: the image bucket has no frame rate to stride, expected "
+                                        f"[1], got {list(strides)}")
+
+    def strides_for(self, frames: int) -> tuple[int, ...]:
+        """The strides the ``frames`` bucket is written at, ascending."""
+        return tuple(sorted(self.strides.get(str(frames), (1,))))
+
+    @property
+    def all_strides(self) -> tuple[int, ...]:
+        """Every stride some video bucket is written at, ascending (1 first when any bucket takes it)."""
+        return tuple(sorted({s for f in self.frames if f > 1 for s in self.strides_for(f)}))
 
     @property
     def sizes(self) -> tuple[tuple[int, int], ...]:
@@ -130,31 +160,40 @@ def crop_box(width: int, height: int, bucket: Bucket) -> tuple[int, int, int, in
 
 
 def explain_bucket(
-    frames: int, fps: float, width: int, height: int, is_image: bool, cfg: BucketConfig
+    frames: int, fps: float, width: int, height: int, is_image: bool, cfg: BucketConfig, stride: int = 1
 ) -> tuple[Bucket | None, str]:
-    """The bucket for a clip, or None and why it fits none. Sizes are display sizes."""
+    """The bucket for a clip at frame ``stride``, or None and why it fits none. Sizes are display sizes.
+
+    The bucket's ``fps`` is the sample's own rate, ``cfg.fps / stride`` (0 for an image).
+    """
     if width is None or height is None or width < 1 or height < 1:
         return None, f"no display size (got {width}x{height})"
     if is_image:
         if 1 not in cfg.frames:
             return None, "image, but the frame list has no 1-frame bucket"
+        if stride != 1:
+            return None, f"image: stride {stride} (a still has no frame rate)"
         n_frames, bucket_fps = 1, 0.0
     else:
-        video_buckets = sorted((f for f in cfg.frames if f > 1), reverse=True)
+        video_buckets = sorted((f for f in cfg.frames if f > 1 and stride in cfg.strides_for(f)), reverse=True)
         if not video_buckets:
-            return None, "video, but the frame list has only the 1-frame bucket"
+            if not any(f > 1 for f in cfg.frames):
+                return None, "video, but the frame list has only the 1-frame bucket"
+            return None, f"no frame bucket is written at stride {stride} (buckets.strides)"
         if fps is None or not fps > 0:
             return None, f"no source frame rate (got {fps})"
-        if fps < cfg.fps * 0.99:
-            return None, f"source {fps:.3g} fps is below the bucket {cfg.fps:.3g} fps"
-        available = fillable_frames(int(frames or 0), fps, cfg.fps)
+        rate = cfg.fps / stride
+        if fps < rate * 0.99:
+            return None, f"source {fps:.3g} fps is below the bucket {rate:.3g} fps"
+        available = fillable_frames(int(frames or 0), fps, rate)
         fits = [f for f in video_buckets if f <= available]
         if not fits:
+            at = f" (stride {stride})" if stride != 1 else ""
             return None, (
-                f"too short: {frames} frames at {fps:.3g} fps give {available} at {cfg.fps:.3g} fps,"
+                f"too short: {frames} frames at {fps:.3g} fps give {available} at {rate:.3g} fps{at},"
                 f" smallest bucket needs {video_buckets[-1]}"
             )
-        n_frames, bucket_fps = fits[0], cfg.fps
+        n_frames, bucket_fps = fits[0], rate
 
     aspect = math.log(width / height)
     distance = {hw: abs(math.log(hw[1] / hw[0]) - aspect) for hw in cfg.sizes}
@@ -176,7 +215,7 @@ def explain_bucket(
 
 
 def assign_bucket(
-    frames: int, fps: float, width: int, height: int, is_image: bool, cfg: BucketConfig
+    frames: int, fps: float, width: int, height: int, is_image: bool, cfg: BucketConfig, stride: int = 1
 ) -> Bucket | None:
-    """The bucket for a clip, or None when it fits none (``explain_bucket`` says why)."""
-    return explain_bucket(frames, fps, width, height, is_image, cfg)[0]
+    """The bucket for a clip at ``stride``, or None when it fits none (``explain_bucket`` says why)."""
+    return explain_bucket(frames, fps, width, height, is_image, cfg, stride)[0]

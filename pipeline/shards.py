@@ -1,6 +1,7 @@
 """Bucketed WebDataset shards: cut, resample, crop, resize, encode, verify, and write tars.
 
-One sample per selected clip, in the bucket ``pipeline.buckets`` chose for it:
+One sample per selected clip and frame stride (``[buckets] strides``; stride 1 only by default), in the bucket
+``pipeline.buckets`` chose for it at that stride:
 
 - ``render_clip`` (one clip; runs in a Ray task): read the span from the source, take the
   source frames nearest the bucket's timestamps, centre-crop to the bucket aspect, resize
@@ -95,32 +96,59 @@ class ShardConfig:
 
 @dataclass(frozen=True, slots=True)
 class PlannedClip:
-    """A selected clip (its catalog row as a dict) and the bucket it goes to."""
+    """A selected clip (its catalog row as a dict) at one frame stride, and the bucket it goes to.
+
+    ``bucket.fps`` is the sample's own rate: ``[buckets] fps / stride``."""
 
     row: dict[str, Any]
     bucket: Bucket
     key: str
+    stride: int = 1
 
 
 @dataclass(frozen=True, slots=True)
 class Plan:
     clips: tuple[PlannedClip, ...]
-    skipped: tuple[tuple[str, str], ...]  # (clip_id, reason) for clips that fit no bucket
+    skipped: tuple[tuple[str, str], ...]  # (clip_id, reason) for clips that fit no bucket at any stride
+    selected: int = 0  # rows planned (each gets one sample per stride that fits, or a skipped entry)
+    stride_skips: tuple[tuple[str, int, str], ...] = ()  # (clip_id, stride, reason): a stride that fit no bucket
+    # for a clip written at another stride
 
 
 def plan_shards(rows: Iterable[dict[str, Any]], cfg: BucketConfig) -> Plan:
-    """Assign every row a bucket; order by bucket then clip id so the tars come out the same every run."""
-    clips, skipped = [], []
+    """Assign every row a bucket per frame stride; order by bucket, clip id, stride so the tars come out the same
+    every run."""
+    clips, skipped, stride_skips, selected = [], [], [], 0
     for row in rows:
-        bucket, reason = explain_bucket(
-            row["frames"], row["fps"], row["width"], row["height"], bool(row["is_image"]), cfg
-        )
-        if bucket is None:
-            skipped.append((row["clip_id"], reason))
+        selected += 1
+        is_image = bool(row["is_image"])
+        strides = (1,) if is_image else (cfg.all_strides or (1,))
+        planned, reasons = [], []
+        for stride in strides:
+            bucket, reason = explain_bucket(
+                row["frames"], row["fps"], row["width"], row["height"], is_image, cfg, stride
+            )
+            if bucket is None:
+                reasons.append((stride, reason))
+            else:
+                planned.append(PlannedClip(row, bucket, sample_key(row["clip_id"], stride), stride))
+        if planned:
+            clips.extend(planned)
+            stride_skips.extend((row["clip_id"], st, r) for st, r in reasons)
         else:
-            clips.append(PlannedClip(row, bucket, sample_key(row["clip_id"])))
-    clips.sort(key=lambda c: (c.bucket.name, c.row["clip_id"]))
-    return Plan(tuple(clips), tuple(sorted(skipped)))
+            # The first stride's reason leads (the summary groups by the text before its first ':').
+            first = reasons[0][1]
+            rest = "; ".join(f"stride {st}: {r}" for st, r in reasons[1:])
+            skipped.append((row["clip_id"], f"{first} ({rest})" if rest else first))
+    clips.sort(key=lambda c: (c.bucket.name, c.row["clip_id"], c.stride))
+    return Plan(tuple(clips), tuple(sorted(skipped)), selected, tuple(sorted(stride_skips)))
+
+
+def manifest_buckets(plan: Plan, cfg: BucketConfig) -> dict[str, Bucket]:
+    """{name: Bucket} of the planned buckets at their base rate (``[buckets] fps``; 0 for images): one bucket may
+    hold samples of several strides, whose own rates their json gives."""
+    return {c.bucket.name: Bucket(c.bucket.frames, c.bucket.height, c.bucket.width,
+                                  0.0 if c.bucket.is_image else cfg.fps) for c in plan.clips}
 
 
 def selection_hash(plan: Plan, where: str, buckets: BucketConfig, shards: ShardConfig) -> str:
@@ -130,8 +158,9 @@ def selection_hash(plan: Plan, where: str, buckets: BucketConfig, shards: ShardC
         "where": where,
         "buckets": asdict(buckets),
         "shards": asdict(shards),
-        "clips": [[c.bucket.name, c.row] for c in plan.clips],
+        "clips": [[c.bucket.name, c.stride, c.row] for c in plan.clips],
         "skipped": plan.skipped,
+        "stride_skips": plan.stride_skips,
     }
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
@@ -215,7 +244,9 @@ def render_sample(row: dict[str, Any], bucket: Bucket, cfg: ShardConfig) -> tupl
     return ext, data, indices + int(row["start_frame"] or 0)
 
 
-def sample_json(row: dict[str, Any], bucket: Bucket, source_frames: np.ndarray) -> dict[str, Any]:
+def sample_json(row: dict[str, Any], bucket: Bucket, source_frames: np.ndarray, stride: int = 1) -> dict[str, Any]:
+    """The sample's json: ``fps`` is its own frame rate (``[buckets] fps / stride``, 0 for images), the rate the
+    trainer's fps conditioning is given; ``source_fps`` the source video's."""
     return {
         "clip_id": row["clip_id"],
         "video_id": row["video_id"],
@@ -223,6 +254,7 @@ def sample_json(row: dict[str, Any], bucket: Bucket, source_frames: np.ndarray) 
         "span": {k: row.get(k) for k in ("start_frame", "end_frame", "start_s", "end_s")},
         "source_fps": row["fps"],
         "fps": bucket.fps,
+        "stride": stride,
         "frames": bucket.frames,
         "source_frames": [int(i) for i in source_frames],
         "crop": list(crop_box(int(row["width"]), int(row["height"]), bucket)),
@@ -241,7 +273,7 @@ def render_clip(clip: PlannedClip, cfg: ShardConfig) -> RenderResult:
     # the error row keeps the class and message, and the manifest lists it.
     except Exception as err:  # noqa: BLE001
         return RenderResult(row["clip_id"], clip.key, bucket.name, error=f"{type(err).__name__}: {err}")
-    files = sample_files(ext, data, row.get("caption") or "", sample_json(row, bucket, source_frames))
+    files = sample_files(ext, data, row.get("caption") or "", sample_json(row, bucket, source_frames, clip.stride))
     return RenderResult(row["clip_id"], clip.key, bucket.name, files=files)
 
 
@@ -356,13 +388,14 @@ def build_shards(
         raise
 
     manifest = make_manifest(
-        infos, {c.bucket.name: c.bucket for c in plan.clips},
+        infos, manifest_buckets(plan, buckets),
         selection_hash=digest,
         where=where,
         buckets_config=asdict(buckets),
         shards_config=asdict(shards),
-        selected=len(plan.clips) + len(plan.skipped),
+        selected=plan.selected,
         skipped=[{"clip_id": c, "reason": r} for c, r in plan.skipped],
+        stride_skips=[{"clip_id": c, "stride": st, "reason": r} for c, st, r in plan.stride_skips],
         errors=[{"clip_id": c, "error": e} for c, e in errors],
     )
     write_manifest(out_dir, manifest)

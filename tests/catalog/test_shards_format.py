@@ -13,6 +13,7 @@ import pytest
 from catalog.shards import (
     LATENT_KEY,
     MANIFEST,
+    SHARDS_VERSION,
     TEXT_KEY,
     Bucket,
     BucketError,
@@ -278,7 +279,7 @@ def test_a_manifest_of_an_older_version_is_refused_naming_it(tmp_path):
     for s in manifest["buckets"]["17x32x48"]["shards"]:
         del s["sha256"]
     (tmp_path / MANIFEST).write_text(json.dumps(dict(manifest, version="2")))
-    with pytest.raises(ManifestError, match=r"format version 2 \(this reader reads version 3\)"):
+    with pytest.raises(ManifestError, match=rf"format version 2 \(this reader reads version {SHARDS_VERSION}\)"):
         read_manifest(tmp_path)
     assert manifest_version(tmp_path) == "2"
     assert "format version 2" in missing_pieces(tmp_path)[0]

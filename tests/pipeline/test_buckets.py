@@ -113,3 +113,33 @@ def test_config_validation_names_the_problem(data, fragment):
 def test_unknown_key_is_an_error():
     with pytest.raises(ConfigError, match="framez"):
         from_dict(BucketConfig, {"framez": [17]}, where="buckets")
+
+
+def test_strides_config_from_toml_table_and_its_errors():
+    cfg = from_dict(BucketConfig, {"frames": [1, 17, 49], "strides": {"17": [1, 2], "49": [2, 4]}}, where="buckets")
+    assert cfg.strides_for(17) == (1, 2) and cfg.strides_for(49) == (2, 4) and cfg.strides_for(1) == (1,)
+    assert cfg.all_strides == (1, 2, 4) and BucketConfig().all_strides == (1,)
+    for strides, fragment in [({"33": [1, 2]}, "expected keys naming frame buckets"), ({"17": []}, "distinct strides"),
+                              ({"17": [2, 2]}, "distinct strides"), ({"17": [0]}, "distinct strides"),
+                              ({"1": [1, 2]}, "image bucket has no frame rate")]:
+        with pytest.raises(BucketConfigError, match=fragment):
+            BucketConfig(frames=(1, 17), strides=strides)
+    with pytest.raises(ConfigError, match=r"buckets.strides.17\[0\]: expected int"):
+        from_dict(BucketConfig, {"strides": {"17": ["2"]}}, where="buckets")
+
+
+def test_each_stride_takes_the_largest_bucket_listing_it_at_fps_over_stride():
+    cfg = BucketConfig(frames=(1, 17, 49), strides={"17": [1, 2], "49": [1, 2]})
+    # 200 source frames at 24 fps: 67 frames at 8 fps (49 bucket), 34 at 4 fps (17 bucket).
+    assert fillable_frames(200, 24.0, 8.0) == 67 and fillable_frames(200, 24.0, 4.0) == 34
+    assert explain_bucket(200, 24.0, 480, 360, False, cfg, 1)[0] == Bucket(49, 224, 288, 8.0)
+    assert explain_bucket(200, 24.0, 480, 360, False, cfg, 2)[0] == Bucket(17, 224, 288, 4.0)
+    # A stride-s frame i is the stride-1 frame i*s: the same source frame, half the rate, twice the span.
+    assert list(source_frame_indices(17, 24.0, 4.0)) == list(source_frame_indices(33, 24.0, 8.0)[::2])
+    bucket, reason = explain_bucket(90, 24.0, 480, 360, False, cfg, 2)  # 17 frames at 4 fps need 97 source frames
+    assert bucket is None and reason.startswith("too short") and "(stride 2)" in reason
+    assert explain_bucket(200, 24.0, 480, 360, False, cfg, 3)[1] == "no frame bucket is written at stride 3 (buckets.strides)"
+    # A 6 fps source is below 8 fps (no stride-1 sample) but not below 4 fps.
+    assert explain_bucket(200, 6.0, 480, 360, False, cfg, 1)[0] is None
+    assert explain_bucket(200, 6.0, 480, 360, False, cfg, 2)[0] == Bucket(49, 224, 288, 4.0)
+    assert explain_bucket(1, None, 480, 360, True, cfg, 2)[1] == "image: stride 2 (a still has no frame rate)"
