@@ -258,3 +258,30 @@ def test_every_cut_of_fast_cut_footage_is_recorded() -> None:
     # 0.3 s shots: the default records each cut; the 2 s clip minimum, not the detector, drops such shots.
     frames, truth = join(*[panning_scene(k, 7) for k in range(1, 8)], panning_scene(9, 40))
     assert_cuts_match(detect_cuts(frames, FPS, SceneCutConfig()), truth)
+
+
+@pytest.mark.media
+@pytest.mark.skipif(not MEDIA.is_dir(), reason="needs ../shared/media")
+@pytest.mark.parametrize("luma_only", [False, True])
+def test_frame_scores_and_cuts_equal_pyscenedetects_own_bit_for_bit(luma_only: bool) -> None:
+    """The faster frame score (pipeline.scenecut._ExactScore) is PySceneDetect's, not an approximation:
+    every frame's score and every cut equal the stock detectors' on real footage joined with hard cuts."""
+    from scenedetect import FrameTimecode
+    from scenedetect.detectors import AdaptiveDetector, ContentDetector
+
+    from pipeline.scenecut import _Adaptive, _Content
+
+    size = (160, 90)
+    frames, truth = join(_decode(MEDIA / "stream-of-water.webm", 60, size), _decode(MEDIA / "friday.mp4", 50, size),
+                         _decode(MEDIA / "flower.webm", 50, size), panning_scene(5, 30, 90, 160))
+    pairs = [(_Adaptive(luma_only=luma_only), AdaptiveDetector(luma_only=luma_only)),
+             (_Content(luma_only=luma_only), ContentDetector(luma_only=luma_only))]
+    for ours, stock in pairs:
+        cuts_ours, cuts_stock = [], []
+        for i, rgb in enumerate(frames):
+            bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+            cuts_ours += [t.frame_num for t in ours.process_frame(FrameTimecode(i, FPS), bgr)]
+            cuts_stock += [t.frame_num for t in stock.process_frame(FrameTimecode(i, FPS), bgr)]
+            assert ours._frame_score == stock._frame_score, (type(stock).__name__, i)
+        assert cuts_ours == cuts_stock
+    assert_cuts_match(cuts_ours, truth)  # the content detector found the joins (sanity: the frames are real cuts)
