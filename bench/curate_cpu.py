@@ -4,7 +4,10 @@ Generates a 30 s 640x360 H.264 clip (moving texture with hard cuts), then times,
   1. the CPU stages together (probe + one decode + scene cut + sharpness/motion/overlay per clip),
   2. a plain sequential decode of the same file to RGB frames (PyAV, full resolution),
   3. the `scenedetect` command line alone (detect-adaptive, its defaults).
-Last line: ratio_vs_decode=X ratio_vs_scenedetect=Y  (targets: >= 0.7 and >= 1.5).
+  4. the OCR stage alone (PP-OCRv4 detection, its bundled weights, one onnxruntime thread as an actor gets), on
+     the frames the curation hands it (``[decode] model_fps`` per second at the analysis size), printed
+     apart: it runs in its own actor pool, not in the CPU stages above.
+Last line: ratio_vs_decode=X ratio_vs_scenedetect=Y  (targets: >= 1.0 and >= 1.5).
 
     python bench/curate_cpu.py [--seconds 30] [--repeat 2]
 """
@@ -81,6 +84,16 @@ def scenedetect_cli(path: Path, workdir: Path) -> None:
                    check=True, stdout=subprocess.DEVNULL)
 
 
+def ocr_frames(path: Path) -> np.ndarray:
+    """The frames the OCR stage sees: model_fps per second, at the analysis frames' size."""
+    from pipeline.media import open_frames, probe
+    from pipeline.settings import DecodeConfig, PrefilterConfig
+
+    info = probe(path)
+    every = max(1, round(info.fps / DecodeConfig().model_fps))
+    return np.stack([f for i, f in open_frames(path, info, max_side=DecodeConfig().max_side) if i % every == 0])
+
+
 def best_of(fn, repeat: int) -> float:
     times = []
     for _ in range(repeat):
@@ -91,6 +104,8 @@ def best_of(fn, repeat: int) -> float:
 
 
 def main() -> None:
+    from pipeline.settings import DecodeConfig
+
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=30.0)
     ap.add_argument("--repeat", type=int, default=2)
@@ -104,10 +119,20 @@ def main() -> None:
         t_dec = best_of(lambda: plain_decode(clip), args.repeat)
         t_cpu = best_of(lambda: cpu_stages(clip), args.repeat)
         t_sd = best_of(lambda: scenedetect_cli(clip, Path(tmp)), args.repeat)
+        from pipeline.models.ocr import TextDetector
+
+        sampled = ocr_frames(clip)
+        ocr = TextDetector(threads=1)
+        ocr.text_regions(sampled[:2])  # onnxruntime's first run allocates
+        t_ocr = best_of(lambda: ocr.text_regions(sampled), args.repeat)
     fps_dec, fps_cpu, fps_sd = n / t_dec, n / t_cpu, n / t_sd
     print(f"plain decode (PyAV, full res, rgb24): {fps_dec:8.1f} frames/s")
     print(f"CPU stages (decode+cut+scores):      {fps_cpu:8.1f} frames/s")
     print(f"scenedetect CLI (detect-adaptive):   {fps_sd:8.1f} frames/s")
+    rate = len(sampled) / t_ocr
+    print(f"OCR stage (PP-OCRv4 det, 1 thread): {rate:8.1f} frames/s on {len(sampled)} frames "
+          f"{sampled.shape[2]}x{sampled.shape[1]} ({ocr.provider}), "
+          f"{rate / DecodeConfig().model_fps:.1f} video seconds/s")
     print(f"ratio_vs_decode={fps_cpu / fps_dec:.2f} ratio_vs_scenedetect={fps_cpu / fps_sd:.2f}")
 
 
