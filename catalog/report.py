@@ -52,6 +52,7 @@ CARD_SCORES: tuple[tuple[str, str, str], ...] = (
     ("motion_mean", "motion", "{:.1f}"),
     ("sharpness_median", "sharpness", "{:.4f}"),
     ("overlay_score", "overlay", "{:.2f}"),
+    ("text_area_max", "text area", "{:.3f}"),
     ("caption_similarity", "caption sim", "{:.3f}"),
     ("duration", "seconds", "{:.1f}"),
 )
@@ -133,6 +134,57 @@ def _preview_img(preview: bytes | None, height: int) -> str | None:
         return None
     uri = "data:image/jpeg;base64," + base64.b64encode(bytes(preview)).decode()
     return f'<img class="thumb" alt="frames across the clip" height="{height}" src="{uri}">'
+
+
+# The frame gap curation leaves between the strip's frames, in px of its 128-px-high strip (pipeline.analyze).
+PREVIEW_GAP = 3
+# Boxes drawn over every frame of a card's strip: the column, its label, the CSS class that colours it.
+BOX_COLUMNS: tuple[tuple[str, str, str], ...] = (
+    ("text_persistent_box", "persistent text (OCR)", "box-text"),
+    ("overlay_box", "static overlay", "box-overlay"),
+)
+
+
+def jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a JPEG's frame header, without decoding it; None when there is none."""
+    i = 2
+    while i + 9 <= len(data):
+        if data[i] != 0xFF:
+            return None
+        marker = data[i + 1]
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            i += 2
+            continue
+        length = int.from_bytes(data[i + 2:i + 4], "big")
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):  # a start-of-frame: height, then width
+            return int.from_bytes(data[i + 7:i + 9], "big"), int.from_bytes(data[i + 5:i + 7], "big")
+        i += 2 + length
+    return None
+
+
+def _box_overlays(clip: dict, preview: bytes) -> str:
+    """Absolutely placed outlines of the clip's text and overlay boxes on each frame of its preview strip.
+
+    The strip holds k frames of one width side by side with PREVIEW_GAP between them; k follows from the strip's
+    width and the clip's aspect. Percentages keep the boxes on the frames at whatever height the page shows it.
+    """
+    boxes = [(b, label, cls) for col, label, cls in BOX_COLUMNS
+             if isinstance(b := clip.get(col), (list, tuple)) and len(b) == 4 and all(v is not None for v in b)]
+    size = jpeg_size(bytes(preview)) if boxes else None
+    if not boxes or size is None or not clip.get("width") or not clip.get("height"):
+        return ""
+    strip_w, strip_h = size
+    frame_w = strip_h * clip["width"] / clip["height"]
+    k = max(1, round((strip_w + PREVIEW_GAP) / (frame_w + PREVIEW_GAP)))
+    frame_w = (strip_w - PREVIEW_GAP * (k - 1)) / k
+    out = []
+    for (x0, y0, x1, y1), label, cls in boxes:
+        for f in range(k):
+            left = (f * (frame_w + PREVIEW_GAP) + x0 * frame_w) / strip_w
+            width = (x1 - x0) * frame_w / strip_w
+            out.append(f'<div class="box {cls}" title="{_e(label)}" style="left: {100 * left:.2f}%; '
+                       f'top: {100 * y0:.2f}%; width: {100 * width:.2f}%; height: {100 * (y1 - y0):.2f}%"></div>')
+    return "".join(out)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -254,6 +306,9 @@ th { background: #f0f0f0; } td.num, th.num { text-align: right; }
         border-radius: 4px; padding: 6px; }
 .card.kept { border-color: #4caf50; } .card.rejected { border-color: #e57373; }
 .thumbs { display: flex; gap: 2px; width: fit-content; background: #111; }
+.strip { position: relative; line-height: 0; }
+.box { position: absolute; box-sizing: border-box; border: 2px solid; pointer-events: none; }
+.box-text { border-color: #ff9800; } .box-overlay { border-color: #2962ff; }
 .missing { color: #b00; font-size: 12px; padding: 4px; max-width: 420px; background: #fee; box-sizing: border-box; }
 .clip-id { font: 11px monospace; color: #555; word-break: break-all; }
 .caption { font-style: italic; margin: 4px 0; }
@@ -281,6 +336,7 @@ def _card(clip: dict, kept: bool, opts: ReportOptions) -> tuple[str, int, bool]:
     preview = clip.get("preview_jpeg")  # absent altogether in a catalog written before previews were kept
     thumbs = _preview_img(preview, opts.thumb_height)
     if thumbs is not None:
+        thumbs = f'<div class="strip">{thumbs}{_box_overlays(clip, preview)}</div>'
         n_thumbs, missing = 1, False
     else:
         why = ("curated before previews were stored (curate it again to get one)" if not preview
@@ -395,7 +451,8 @@ def render(con: duckdb.DuckDBPyConnection, db_label: str, opts: ReportOptions) -
         clips = _sheet_clips(con, kept, opts.clips_per_sheet)
         if kept:
             out.append("<h2>Kept clips</h2><p class='note'>Spread over kept_clips from the lowest aesthetic score "
-                       "up: the first cards are the borderline ones.</p>")
+                       "up: the first cards are the borderline ones. Outlines on the frames: orange, text that stays "
+                       "in place (OCR, text_persistent_box); blue, a static overlay (overlay_box).</p>")
         else:
             out.append("<h2>Rejected clips</h2><p class='note'>Examples of every reason in turn; red badges are the "
                        "curation reasons and the thresholds each clip fails.</p>")

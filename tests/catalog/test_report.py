@@ -206,6 +206,10 @@ def media_run(tmp_path: Path, rows) -> dict:
                                  similarity=None if reasons else 0.31)
             if not info.is_image:
                 clip["duration"] = (end - start) / info.fps
+            if (name, start) == ("magenta.mp4", 0):  # a caption that stays put, as the OCR stage records it
+                clip |= {"text_persistent_box": [0.55, 0.1, 0.95, 0.3], "text_area_max": 0.015}
+            if name == "cyan.mp4":
+                clip["overlay_box"] = [0.05, 0.05, 0.25, 0.2]
             if name != "gone.mp4":
                 clip["preview_jpeg"] = _preview_of(src / name, info, start, end)
             clips.append(clip)
@@ -239,6 +243,14 @@ def test_report_content(media_run: dict, tmp_path: Path) -> None:
     assert page.count('class="card kept"') == 3 and page.count('class="card rejected"') == 3
     assert "too_static" in page and "EmptyFileError" in page
     assert "No shards yet" in page
+    # The text box is outlined on each of the magenta clip's three preview frames, the overlay box on cyan's.
+    # Frames are 128 * 192/108 = 228 px wide with 3 px gaps (strip 690 px): frame f's box starts at
+    # (f * 231 + 0.55 * 228) / 690 of the strip.
+    lefts = [float(x) for x in re.findall(r'class="box box-text"[^>]*left: ([\d.]+)%', page)]
+    assert lefts == pytest.approx([100 * (f * 231 + 0.55 * 228) / 690 for f in range(3)], abs=0.2)
+    assert page.count('class="box box-overlay"') == 3
+    assert "text area 0.015" in page
+
 
     con = open_catalog(db)
     set_threshold(con, "aesthetic_min", 5.6)
@@ -317,6 +329,9 @@ def test_report_renders_in_headless_chromium(media_run: dict, tmp_path: Path) ->
     assert share_near((229, 115, 115), tol=20) > 1e-4, "no red histogram bars on screen"
     # Magenta is nowhere in the page's styles: only the decoded thumbnails bring it.
     assert share_near((255, 0, 255), tol=60) > 1e-4, "no thumbnails on screen"
+    # The text and overlay outlines drawn over the thumbnails (orange and blue appear nowhere else).
+    assert share_near((255, 152, 0), tol=30) > 1e-5, "no OCR text box outlined on screen"
+    assert share_near((41, 98, 255), tol=30) > 1e-5, "no overlay box outlined on screen"
 
 
 @pytest.mark.media
