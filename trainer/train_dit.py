@@ -130,8 +130,9 @@ class VAESection:
     weights: str = "ema"
     """Which of its weights: "ema" or "model"."""
     scale_batches: int = 0
-    """When neither data.latent_scale nor the VAE checkpoint's latent_scale.json gives the latent scale,
-    measure it (1/std of posterior samples) over this many training batches; 0 = stop with an error."""
+    """When neither data.latent_scale, the VAE checkpoint's latent_scale.json nor the ``init_from`` stage's
+    checkpoint gives the latent scale, measure it (1/std of posterior samples) over this many training
+    batches; 0 = stop with an error."""
 
     def __post_init__(self) -> None:
         if self.weights not in ("ema", "model"):
@@ -342,7 +343,7 @@ def main(cfg: DiTStageConfig, run: RunContext) -> list[dict[str, float]]:
     seed_everything(rank_seed(tc.seed, run.rank))
 
     # Where to start: this run's latest checkpoint, else the previous stage's EMA weights, else scratch.
-    start_step, data_state = 0, {}
+    start_step, data_state, init_state = 0, {}, None
     resume = find_resume(run)
     if resume is not None:
         model.load_state_dict(resume.state["model"])
@@ -369,7 +370,7 @@ def main(cfg: DiTStageConfig, run: RunContext) -> list[dict[str, float]]:
     if resume is not None:
         scale = float(resume.state["latent_scale"])  # never changes within a run
     else:
-        scale = latent_scale(cfg, vae, vae_folder, device, factors)
+        scale = latent_scale(cfg, vae, vae_folder, device, factors, init_state)
     batches = DiTBatches(cfg.data, seed=tc.seed, rank=run.rank, world_size=run.world_size, state=data_state, **factors)
     dropout = CaptionDropout.from_encoder(encoder, seed=tc.seed)
     autocast = autocast_for(device, tc.precision)
@@ -457,13 +458,18 @@ def main(cfg: DiTStageConfig, run: RunContext) -> list[dict[str, float]]:
 
 
 def latent_scale(cfg: DiTStageConfig, vae: nn.Module, vae_folder: Path, device: torch.device,
-                 factors: dict[str, int]) -> float:
-    """data.latent_scale, else the VAE checkpoint's, else (vae.scale_batches > 0) 1/std of the posterior
-    samples of the first training batches of rank 0's stream (pixels through the VAE, or precomputed
-    moments), the same value on every rank."""
+                 factors: dict[str, int], init_state: dict[str, Any] | None = None) -> float:
+    """data.latent_scale, else the VAE checkpoint's, else the one the ``init_from`` stage trained with (a stage
+    that continues another's weights must see latents at the same scale), else (vae.scale_batches > 0) 1/std
+    of the posterior samples of the first training batches of rank 0's stream (pixels through the VAE, or
+    precomputed moments), the same value on every rank."""
     try:
         return resolve_latent_scale(cfg.data.latent_scale, vae_folder)
     except FileNotFoundError:
+        if init_state is not None and "latent_scale" in init_state:
+            print(f"[dit] latent scale {float(init_state['latent_scale']):.5f} from {cfg.train.init_from} "
+                  "(the stage it starts from)")
+            return float(init_state["latent_scale"])
         if cfg.vae.scale_batches == 0:
             raise
     probe = DiTBatches(dataclasses.replace(cfg.data, num_workers=0), seed=cfg.train.seed, **factors)
