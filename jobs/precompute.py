@@ -428,4 +428,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not this __main__ copy's: Ray pickles classes of __main__ by value, and
+    # the actors' copy of ShardEncoder and the config dataclasses then cannot resolve their (string) annotations
+    # ("NameError: name 'DataSection' is not defined" in every actor under `python -m jobs.precompute`).
+    from jobs.precompute import main as _main
+
+    sys.exit(_main())
