@@ -428,10 +428,12 @@ def _with_video_overlay(items: Iterator[ClipResult | VideoResult]) -> Iterator[C
     Clips leave before the video is whole, so their records carry only their own evidence here: the run's writer
     (and ``analyze_video``) applies the video's with :func:`apply_video_overlay` once the video row arrives.
     """
-    pooled = VideoOverlay()
+    pooled = VideoOverlay()   # running totals: bounded, however many clips the video has
     for item in items:
         if isinstance(item, ClipResult):
             pooled.add(item.overlay_maps)
+            # Folded into the totals: the maps go no further, so whoever keeps the clips does not keep them too.
+            item = dataclasses.replace(item, overlay_maps=None)
         elif item.video is not None and not item.video.get("is_image"):
             ovl = pooled.result()
             item.video["overlay_score"] = None if ovl is None else float(ovl.score)

@@ -30,8 +30,9 @@ candidates is the overlay guess; its score is the product of
   problem) persist too but share one orientation;
 * ``size``: boxes covering more than a quarter of the frame fade out (that is scenery, not a mark).
 
-Across shots (:class:`VideoOverlay`): the same maps, kept per clip (:class:`ClipMaps`, a few small arrays), are
-pooled over the clips of one video. Clips whose mean picture is alike (pieces of one long shot, a locked-off camera
+Across shots (:class:`VideoOverlay`): the same maps of each clip (:class:`ClipMaps`, a few small arrays) are
+pooled over the clips of one video, as running totals per scene (bounded memory: at most ``MAX_SCENES`` scenes,
+whatever the number of clips). Clips whose mean picture is alike (pieces of one long shot, a locked-off camera
 cut into clips) are merged first, so only *different scenes* count as evidence: a static background repeats in
 every piece of its shot but not across a cut, while a mark does. The pooled persistence is judged like a clip's,
 with the coherence cut raised to what chance gives for so few samples (two unrelated static scenes already
@@ -70,6 +71,7 @@ MASS_FULL = 60          # candidate pixels at which a group counts as fully supp
 BOX_MIN_SCORE = 0.05    # below this there is no evidence: no box is reported
 VIDEO_COHERENCE_ABOVE_CHANCE = 0.2  # tuned on the dev set's tune part (0.35, a clip's cut, missed a 5-scene mark)
 SAME_SCENE_CORR = 0.6   # clips whose mean normalised luma correlates this much show one scene (pieces of a shot)
+MAX_SCENES = 16         # scenes a video's running totals keep apart (~6.6 MB at 192x108); further ones are folded in
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,53 +234,116 @@ def _judge(strong: np.ndarray, changing: np.ndarray, mean_grad: np.ndarray, pers
     return Overlay(score=score, box=(x0 / w, y0 / h, x1 / w, y1 / h))
 
 
-class VideoOverlay:
-    """Static-overlay evidence pooled over the clips of one video: edges that stay put across different scenes."""
+@dataclass
+class _Scene:
+    """Running totals of the clips of one scene: a fixed handful of (h, w) planes, however many clips it has."""
 
-    def __init__(self) -> None:
-        self.groups: list[list[ClipMaps]] = []   # clips of one scene together
+    ref: np.ndarray      # (h, w) the first clip's mean luma: later clips are compared with it
+    grad: np.ndarray     # (2, h, w) sum over clips of frames * mean_grad
+    energy: np.ndarray   # (h, w) sum over clips of frames * energy
+    luma: np.ndarray     # (h, w) sum over clips of their mean luma
+    frames: int = 0
+    clips: int = 0
+
+    def add(self, maps: ClipMaps) -> None:
+        self.grad += maps.frames * maps.mean_grad
+        self.energy += maps.frames * maps.energy
+        self.luma += maps.luma
+        self.frames += maps.frames
+        self.clips += 1
+
+
+class VideoOverlay:
+    """Static-overlay evidence pooled over the clips of one video: edges that stay put across different scenes.
+
+    Memory is bounded by ``max_scenes``, not by the number of clips: each clip is folded into its scene's running
+    totals (:class:`_Scene`) as it arrives and its maps are not kept, so a one-shot hour cut into hundreds of clips
+    holds what a few clips do. A video with more distinct scenes than ``max_scenes`` folds each further one into the
+    scene it resembles most: that scene's sample then averages two scenes, which dilutes their edges while a mark,
+    present in both, keeps its strength.
+    """
+
+    def __init__(self, max_scenes: int = MAX_SCENES) -> None:
+        if max_scenes < 2:
+            raise ValueError(f"max_scenes: expected at least 2 (evidence needs two scenes), got {max_scenes}")
+        self.max_scenes = max_scenes
+        self._scenes: list[_Scene] = []
+        self._changing: np.ndarray | None = None   # (h, w) bool: content changes within some clip
 
     def add(self, maps: ClipMaps | None) -> None:
         if maps is None:
             return
-        if self.groups and self.groups[0][0].luma.shape != maps.luma.shape:
-            raise ValueError(f"clip maps of one video must share a size: {self.groups[0][0].luma.shape} then "
+        if self._changing is None:
+            self._changing = np.zeros(maps.luma.shape, bool)
+        elif self._changing.shape != maps.luma.shape:
+            raise ValueError(f"clip maps of one video must share a size: {self._changing.shape} then "
                              f"{maps.luma.shape}")
-        for g in self.groups:
-            if _correlation(g[0].luma, maps.luma) >= SAME_SCENE_CORR:
-                g.append(maps)
-                return
-        self.groups.append([maps])
+        self._changing |= maps.changing
+        corr = [_correlation(sc.ref, maps.luma) for sc in self._scenes]
+        same = next((i for i, c in enumerate(corr) if c >= SAME_SCENE_CORR), None)
+        if same is None and len(self._scenes) >= self.max_scenes:
+            same = int(np.argmax(corr))
+        if same is None:
+            h, w = maps.luma.shape
+            self._scenes.append(_Scene(ref=maps.luma.astype(np.float32, copy=True),
+                                       grad=np.zeros((2, h, w), np.float32), energy=np.zeros((h, w), np.float32),
+                                       luma=np.zeros((h, w), np.float32)))
+            same = len(self._scenes) - 1
+        self._scenes[same].add(maps)
 
     @property
     def scenes(self) -> int:
-        return len(self.groups)
+        return len(self._scenes)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the running totals (what grows with the video: only up to ``max_scenes`` scenes)."""
+        held = 0 if self._changing is None else self._changing.nbytes
+        return held + sum(a.nbytes for sc in self._scenes for a in (sc.ref, sc.grad, sc.energy, sc.luma))
 
     def result(self) -> Overlay | None:
         """The video-level evidence, or None with fewer than two distinct scenes."""
-        n = len(self.groups)
+        n = len(self._scenes)
         if n < 2:
             return None
-        # One sample per scene (its clips' frames pooled), so a long scene does not outvote the others.
-        grad = np.stack([np.average([m.mean_grad for m in g], axis=0, weights=[m.frames for m in g])
-                         for g in self.groups])                       # (S, 2, h, w)
-        energy = np.stack([np.average([m.energy for m in g], axis=0, weights=[m.frames for m in g])
-                           for g in self.groups])                     # (S, h, w)
-        luma = np.stack([np.mean([m.luma for m in g], axis=0) for g in self.groups])  # (S, h, w)
-        mean_grad = grad.mean(axis=0)
-        coherence = (mean_grad * mean_grad).sum(axis=0) / (energy.mean(axis=0) + 1e-6)
+        # One sample per scene (its clips' frames pooled), so a long scene does not outvote the others. Built scene
+        # by scene into (h, w) planes and one (S, h, w) stack, not (S, 2, h, w) ones: this runs as the video ends,
+        # when the decode's buffers are still held, so its temporaries add to the analysis's peak.
+        h, w = self._changing.shape
+        mean_grad = np.zeros((2, h, w), np.float32)
+        energy = np.zeros((h, w), np.float32)
+        for sc in self._scenes:
+            mean_grad += sc.grad / sc.frames
+            energy += sc.energy / sc.frames
+        mean_grad /= n
+        energy /= n
+        coherence = (mean_grad * mean_grad).sum(axis=0) / (energy + 1e-6)
         # A mark is there in (nearly) every scene: its edge strength is the weakest scene's gradient along the
         # pooled direction, so an edge of one scene, whatever the others average to there, has ~none. One scene in
         # four may miss it (a white mark over a white wall is invisible there).
         unit = mean_grad / (np.sqrt((mean_grad * mean_grad).sum(axis=0)) + 1e-6)
-        along = np.sort((grad * unit[None]).sum(axis=1), axis=0)[n // 4]   # (h, w)
-        along = np.clip(along, 0.0, None)
+        along = np.empty((n, h, w), np.float32)
+        for k, sc in enumerate(self._scenes):
+            np.multiply(sc.grad[0], unit[0], out=along[k])
+            along[k] += sc.grad[1] * unit[1]
+            along[k] /= sc.frames
+        along.sort(axis=0)
+        along = np.clip(along[n // 4], 0.0, None)                                   # (h, w)
         persist_sq = along * along
         # Unrelated scenes average to coherence ~1/S by chance: ask for a share of the way above it (less than a
         # clip's cut: a translucent mark's coherence is diluted by every textured scene behind it).
         chance = 1.0 / n
         strong = (persist_sq > EDGE_MIN**2) & (coherence > chance + VIDEO_COHERENCE_ABOVE_CHANCE * (1.0 - chance))
-        changing = (luma.std(axis=0) > CHANGE_MIN) | np.any([m.changing for g in self.groups for m in g], axis=0)
+        # Where the picture differs between scenes (the spread of their mean luma) or changes within a clip.
+        luma_mean = np.zeros((h, w), np.float32)
+        for sc in self._scenes:
+            luma_mean += sc.luma / sc.clips
+        luma_mean /= n
+        spread = np.zeros((h, w), np.float32)
+        for sc in self._scenes:
+            d = sc.luma / sc.clips - luma_mean
+            spread += d * d
+        changing = (np.sqrt(spread / n) > CHANGE_MIN) | self._changing
         return _judge(strong, changing, mean_grad, persist_sq, coherence)
 
 

@@ -123,7 +123,7 @@ def test_real_footage_with_a_logo_added_scores_higher_and_is_boxed(media_dir, na
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/pipeline: the dev-set builders
 import devset_logos as dl  # noqa: E402
 
-from pipeline.scoring.overlay import VideoOverlay, best_evidence, clip_overlay  # noqa: E402
+from pipeline.scoring.overlay import ClipMaps, VideoOverlay, best_evidence, clip_overlay  # noqa: E402
 from pipeline.settings import PrefilterConfig  # noqa: E402
 
 
@@ -197,6 +197,38 @@ def test_whole_dev_set_figures(logo_devset) -> None:
           f"clean dropped {np.mean(np.array(neg) > 0.5):.2f}")
     assert auc >= {"tune": 0.95, "check": 0.7}[split]
     assert np.mean(np.array(neg) > 0.5) == 0.0
+
+
+def _clip_maps(rng: np.random.Generator, scene: np.ndarray | None, h: int = 54, w: int = 96) -> ClipMaps:
+    """One clip's maps: a piece of ``scene`` (its mean luma plus a little noise), or an unrelated scene when None."""
+    luma = rng.normal(128, 48, (h, w)) if scene is None else scene + rng.normal(0, 4, (h, w))
+    return ClipMaps(mean_grad=rng.normal(0, 3, (2, h, w)).astype(np.float32),
+                    energy=rng.uniform(0, 50, (h, w)).astype(np.float32), luma=luma.astype(np.float32),
+                    changing=rng.random((h, w)) > 0.5, frames=12)
+
+
+def test_video_evidence_memory_does_not_grow_with_the_number_of_clips() -> None:
+    """The per-video pooling keeps running totals, not each clip's maps: the same bytes after 5 pieces of one long
+    shot as after 50, and with many distinct scenes no more than ``max_scenes`` scenes' worth."""
+    rng = np.random.default_rng(0)
+    scene = rng.normal(128, 48, (54, 96))
+    held = {}
+    for n in (5, 50):
+        pooled = VideoOverlay()
+        for _ in range(n):
+            pooled.add(_clip_maps(rng, scene))
+        assert pooled.scenes == 1 and pooled.result() is None
+        held[n] = pooled.nbytes
+    assert held[5] == held[50] > 0, held
+    distinct = {}
+    for n in (20, 50):
+        pooled = VideoOverlay(max_scenes=16)
+        for _ in range(n):
+            pooled.add(_clip_maps(rng, None))
+        assert pooled.scenes == 16
+        assert isinstance(pooled.result(), Overlay)
+        distinct[n] = pooled.nbytes
+    assert distinct[20] == distinct[50], distinct
 
 
 def test_no_box_without_evidence() -> None:
