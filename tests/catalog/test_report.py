@@ -10,6 +10,7 @@ import io
 import re
 import shutil
 import subprocess
+import sys
 from fractions import Fraction
 from pathlib import Path
 
@@ -29,10 +30,10 @@ from pipeline.run import PartWriter, consolidate, make_run_id
 from pipeline.settings import CurateConfig
 from pipeline.stages import analyze_row
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/chromium.py, shared with the training page test
+from chromium import CHROMIUM_FLAGS, chromium  # noqa: E402
+
 MAGENTA = np.array([255, 0, 255])
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--hide-scrollbars"]
 
 
 def _write_video(path: Path, *, frames: int, size: tuple[int, int], color: tuple[int, int, int], step: int = 3) -> None:
@@ -292,15 +293,8 @@ def test_histogram_marks_thresholds() -> None:
     assert "no scores (3 NULL)" in empty
 
 
-def _chromium() -> str:
-    exe = shutil.which("chromium") or shutil.which("chromium-browser")
-    if exe is None:
-        pytest.skip("chromium is not installed (tests/catalog/install_chromium.sh installs it)")
-    return exe
-
-
 def test_report_renders_in_headless_chromium(media_run: dict, tmp_path: Path) -> None:
-    exe = _chromium()
+    exe = chromium()
     summary = write_report(media_run["db"], tmp_path / "report.html")
     url = summary.path.resolve().as_uri()
     profile = tmp_path / "chromium-profile"

@@ -110,6 +110,49 @@ def test_samples_export_and_report(run) -> None:
     assert "dit_hq" in training and "data:image/png;base64," in training
 
 
+def test_the_training_page_shows_its_loss_curves_and_sample_sheet_in_headless_chromium(run, tmp_path) -> None:
+    """RUN/training.html as a browser shows it: nothing fails to load, each loss curve's points are drawn where the
+    page puts them (both stages of each plot in their colours), and the sample sheet on screen is the PNG the
+    sampler wrote."""
+    import base64
+    import io
+    import re
+
+    import numpy as np
+    from PIL import Image
+
+    from chromium import crop, render, share_near
+
+    out, _ = run
+    page = out / "training.html"
+    shown = render(page, tmp_path / "chromium")
+    assert shown.failed == [] and shown.imgs and all(i["decoded"] for i in shown.imgs), (shown.failed, shown.imgs)
+    assert shown.pixels.std() > 20, "screenshot is blank"
+
+    markup = page.read_text()
+    curves = [s for s in shown.svgs if s["cls"] == "loss"]
+    svgs = re.findall(r'<svg[^>]*class="loss".*?</svg>', markup, re.DOTALL)
+    assert len(curves) == len(svgs) == 2  # VAE and DiT
+    rgb = lambda c: tuple(int(c[i:i + 2], 16) for i in (1, 3, 5))  # noqa: E731
+    for box, svg in zip(curves, svgs):
+        left, top = box["box"][:2]
+        points = re.findall(r'<circle cx="([\d.]+)" cy="([\d.]+)" r="3" fill="(#[0-9a-f]{6})"', svg)
+        assert len({c for *_, c in points}) == 2, svg[:300]  # two stages per plot, two colours
+        for cx, cy, colour in points:
+            pixel = shown.pixels[int(top + float(cy)), int(left + float(cx))]
+            assert np.abs(pixel - np.array(rgb(colour))).max() <= 60, (cx, cy, colour, pixel)
+        region = crop(shown.pixels, box["box"])
+        assert all(share_near(region, rgb(c)) > 1e-3 for c in {c for *_, c in points})
+
+    sheets = re.findall(r'<img alt="sample sheet" src="data:image/png;base64,([^"]+)"', markup)
+    assert len(sheets) == len(shown.imgs) >= 1
+    for data, img in zip(sheets, shown.imgs):
+        want = Image.open(io.BytesIO(base64.b64decode(data))).convert("RGB")
+        got = crop(shown.pixels, img["box"])
+        want = np.asarray(want.resize((got.shape[1], got.shape[0]))).astype(np.int16)
+        assert got.std() > 10 and np.abs(got - want).mean() < 12, "the sample sheet on screen is not the PNG"
+
+
 def test_a_rerun_skips_every_step_and_rewrites_nothing(run, capsys) -> None:
     out, _ = run
     watched = [p for p in out.rglob("*") if p.is_file() and "_steps" not in p.parts and p.name != "ray.log"]
