@@ -136,6 +136,11 @@ def test_latent_scale_is_measured_when_the_vae_checkpoint_has_none(dit_assets, t
     assert state["latent_scale"] == got  # stored with the DiT checkpoint, so a resume keeps it
     set_scale = main(cfg_for(dit_assets, data={"latent_scale": 0.5}, **one_step), LocalRun(tmp_path / "c", device=CPU))
     assert set_scale[-1]["latent_scale"] == 0.5
+    # A stage that continues b's weights (the HQ fine-tune) trains at b's scale: the VAE still stores none, and no
+    # [vae] scale_batches is set, so without the rule it would stop as in "a".
+    cont = one_step | {"train": one_step["train"] | {"init_from": str(tmp_path / "b")}}
+    assert main(cfg_for(dit_assets, vae={"checkpoint": str(vae_run)}, **cont),
+                LocalRun(tmp_path / "d", device=CPU))[-1]["latent_scale"] == got
 
 
 def test_next_stage_starts_from_the_previous_stages_ema_weights(dit_assets, tmp_path: Path) -> None:
