@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 
@@ -104,6 +103,10 @@ class VGGPerceptual(nn.Module):
 
 def vgg16_features() -> nn.Sequential:
     """torchvision's VGG16 ``features`` without building its 100M-parameter classifier."""
+    # Imported here, not at the top: torchvision's model zoo costs ~2.5 s of import, paid by every process that
+    # imports the trainer (each Ray Train worker, jobs.train itself, the DiT stages), and only this loss needs it.
+    import torchvision
+
     vgg = torchvision.models.vgg
     return vgg.make_layers(vgg.cfgs["D"], batch_norm=False)
 
