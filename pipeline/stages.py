@@ -255,7 +255,8 @@ class OCRStage(ModelStage):
     def score(self, recs, frames, times) -> None:
         pre = self.sources.prefilter
         for rec, f, t in zip(recs, frames, times):
-            st = self.model.text_regions(f[_every(t, self.sources.model_fps)])
+            # ~1 fps for the per-frame boxes; the mean frame over all the clip's model frames (see models.ocr)
+            st = self.model.text_regions(f[_every(t, self.sources.model_fps)], mean_of=f)
             rec["text_area_max"] = st.area_max
             rec["text_area_mean"] = st.area_mean
             rec["text_boxes"] = st.boxes

@@ -17,6 +17,13 @@ A box persists when, in at least ``PERSIST_SHARE`` of the sampled frames, a box 
 overlap in place but not in content. A camera timestamp whose last digits tick keeps most of its glyphs and
 persists, as it should; a subtitle line held for the whole of a short clip persists too (without recognition, one
 held line and a static caption look alike), and so does scene text on a locked-off camera.
+
+A translucent mark is often too faint for the detector in any single frame. The clip's temporal mean frame is also
+read: there a mark keeps its contrast while codec noise and moving content average out. A box found on the mean
+counts as persistent text when the glyph band over it in at least ``PERSIST_SHARE`` of the frames correlates with
+the mean's at ``MEAN_SAME_GLYPHS`` or more; the mean of changing subtitles at one place shows a blend of the lines,
+which correlates with each line far less (0.5-0.8 for 8 to 2 alternating lines on real footage, 0.96-1.0 for the
+logo dev set's marks; tuned on its tune part).
 """
 from __future__ import annotations
 
@@ -39,6 +46,7 @@ PERSIST_SHARE = 0.75       # ...and a box found in this share of the frames stay
 SAME_GLYPHS = 0.5          # fine-band correlation over a box pair at or above which it shows the same text
 GLYPH_SIGMA = 1.0          # px: the fine band is luma minus its Gaussian blur of this sigma
 MIN_PERSIST_FRAMES = 2     # fewer frames than this give no persistence evidence
+MEAN_SAME_GLYPHS = 0.9     # a box found on the clip's mean frame shows text fixed in place (see above)
 GRID = 512                 # text areas are measured on a mask of this longer side
 
 # rapidocr 1.4.4's config.yaml, Det section (the values its TextDetector is built with), except the unclip ratio.
@@ -109,21 +117,28 @@ def _fine_band(frames: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
-def _same_glyphs(fine: np.ndarray, t: int, u: int, a: np.ndarray, b: np.ndarray) -> bool:
-    """Frames t and u show the same text over the union of fraction boxes a and b (normalised correlation)."""
+def _glyph_corr(fine: np.ndarray, t: int, u: int, a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised correlation of frames t and u's fine band over the union of fraction boxes a and b (0 if flat)."""
     h, w = fine.shape[1:]
     x0, y0 = int(np.floor(min(a[0], b[0]) * w)), int(np.floor(min(a[1], b[1]) * h))
     x1, y1 = int(np.ceil(max(a[2], b[2]) * w)), int(np.ceil(max(a[3], b[3]) * h))
     p, q = fine[t, y0:y1, x0:x1], fine[u, y0:y1, x0:x1]
     den = float(np.sqrt((p * p).sum() * (q * q).sum()))
-    return den > 0 and float((p * q).sum()) / den >= SAME_GLYPHS
+    return float((p * q).sum()) / den if den > 0 else 0.0
 
 
-def text_stats(boxes: list[np.ndarray], aspect: float, frames: np.ndarray | None = None) -> TextStats:
+def _same_glyphs(fine: np.ndarray, t: int, u: int, a: np.ndarray, b: np.ndarray) -> bool:
+    """Frames t and u show the same text over the union of fraction boxes a and b (normalised correlation)."""
+    return _glyph_corr(fine, t, u, a, b) >= SAME_GLYPHS
+
+
+def text_stats(boxes: list[np.ndarray], aspect: float, frames: np.ndarray | None = None,
+               mean_boxes: np.ndarray | None = None, mean_frame: np.ndarray | None = None) -> TextStats:
     """Clip statistics from per-frame (n_t, 4) [x0, y0, x1, y1] text boxes in fractions of a ``aspect`` (w/h) frame.
 
     ``frames`` (K, H, W, 3) uint8, the frames the boxes came from, lets persistence also require the same glyphs;
-    without them a box in the same place counts as the same text.
+    without them a box in the same place counts as the same text. ``mean_boxes`` (n, 4), found on ``mean_frame``
+    (H, W, 3), the clip's temporal mean, add persistent text where the glyphs of ``frames`` match the mean's there.
     """
     k = len(boxes)
     if k == 0:
@@ -146,6 +161,13 @@ def text_stats(boxes: list[np.ndarray], aspect: float, frames: np.ndarray | None
                         seen += any(_same_glyphs(fine, t, u, box, m) for m in same)
                 if seen >= need:
                     persistent.append(box)
+    if mean_boxes is not None and len(mean_boxes) and frames is not None and mean_frame is not None and \
+            k >= MIN_PERSIST_FRAMES:
+        need = max(MIN_PERSIST_FRAMES, int(np.ceil(PERSIST_SHARE * k)))
+        fine_all = np.concatenate([fine, _fine_band(np.asarray(mean_frame, np.uint8)[None])])  # mean last
+        for box in np.asarray(mean_boxes, np.float64).reshape(-1, 4):
+            if sum(_glyph_corr(fine_all, t, k, box, box) >= MEAN_SAME_GLYPHS for t in range(k)) >= need:
+                persistent.append(box)
     if persistent:
         p = np.stack(persistent)
         p_area = _coverage(p, aspect)
@@ -219,10 +241,23 @@ class TextDetector:
             out.append(np.clip(b[keep], 0.0, 1.0))
         return out
 
-    def text_regions(self, frames: np.ndarray) -> TextStats:
-        """:class:`TextStats` of (N, H, W, 3) uint8 RGB frames sampled across one clip (~1 fps)."""
+    def text_regions(self, frames: np.ndarray, mean_of: np.ndarray | None = None) -> TextStats:
+        """:class:`TextStats` of (N, H, W, 3) uint8 RGB frames sampled across one clip (~1 fps).
+
+        The clip's mean frame (see the module doc) is taken over ``mean_of`` (more frames of the same clip, same
+        size: a mean of more frames averages moving content out better), else over ``frames``; one more detector
+        frame per clip."""
         frames = check_frames(frames, what="text_regions frames")
-        return text_stats(self.boxes(frames), frames.shape[2] / frames.shape[1], frames)
+        source = frames if mean_of is None else check_frames(mean_of, what="text_regions mean_of frames")
+        if source.shape[1:] != frames.shape[1:]:
+            raise ValueError(f"text_regions: mean_of frames must match the frames' size {frames.shape[1:]}, "
+                             f"got {source.shape[1:]}")
+        boxes = self.boxes(frames)
+        mean_frame = mean_boxes = None
+        if len(frames) >= MIN_PERSIST_FRAMES:
+            mean_frame = np.round(source.mean(axis=0, dtype=np.float32)).astype(np.uint8)
+            mean_boxes = self.boxes(mean_frame[None])[0]
+        return text_stats(boxes, frames.shape[2] / frames.shape[1], frames, mean_boxes, mean_frame)
 
 
 _DEFAULT: TextDetector | None = None
