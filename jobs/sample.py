@@ -24,7 +24,8 @@ def parse_args(argv: list[str] | None):
     p.add_argument("--frames", type=int, default=49, help="pixel frames, 4k+1 (1 = an image); default 49")
     p.add_argument("--height", type=int, default=0, help="pixels, a multiple of 16 (default: the stage's sample size)")
     p.add_argument("--width", type=int, default=0, help="pixels, a multiple of 16 (default: the stage's sample size)")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="DDIM steps (default 50; a distilled student's checkpoint: the steps it was distilled to)")
     p.add_argument("--guidance", type=float, default=6.0, help="classifier-free guidance scale (default 6; 1 = off)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--fps", type=int, default=0, help="frame rate of the mp4 and, for a model with fps_conditioning, "
@@ -44,7 +45,7 @@ def parse_args(argv: list[str] | None):
     for name in ("height", "width"):
         if getattr(args, name) < 0 or getattr(args, name) % 16:
             p.error(f"--{name}: expected a multiple of 16, got {getattr(args, name)}")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         p.error(f"--steps: expected >= 1, got {args.steps}")
     if args.fps < 0:
         p.error(f"--fps: expected >= 1 (or 0 for the stage's), got {args.fps}")
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         sample_cfg = dataclasses.replace(stage.sample, **{k: v for k, v in overrides.items() if v is not None})
     except (FileNotFoundError, KeyError, ValueError) as err:
         raise _cli.UsageError(f"--checkpoint {args.checkpoint}: expected a DiT stage checkpoint: {err}") from None
+    if args.steps is None:  # a student of trainer/distill.py samples at the steps it was distilled to
+        args.steps = int(state["distill"]["sampling_steps"]) if "distill" in state else 50
     _, height, width = stage.sample_shape()
     height, width = args.height or height, args.width or width
     device = torch.device(args.device) if args.device else default_device()

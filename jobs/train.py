@@ -3,6 +3,7 @@
     python -m jobs.train --config jobs/configs/vae_stage1.toml      # 17 frames at 256x256 + images
     python -m jobs.train --config jobs/configs/vae_stage2.toml      # 161 frames, from stage 1
     python -m jobs.train --config STAGE.toml --catalog OUT/catalog.duckdb   # lineage of a stage without [selection]
+    python -m jobs.train --config jobs/configs/dit_distill.toml     # guidance + progressive distillation of a DiT
     ray job submit --working-dir . -- python -m jobs.train --config jobs/configs/vae_stage1.toml \
         --workers 8 --gpus-per-worker 1
 
@@ -37,7 +38,7 @@ from trainer.checkpoint import latest_checkpoint
 from trainer.config import stage_kind
 
 # [stage] kind -> the trainer module that runs it.
-STAGES = {"vae": "trainer.train_vae", "dit": "trainer.train_dit"}
+STAGES = {"vae": "trainer.train_vae", "dit": "trainer.train_dit", "dit_distill": "trainer.distill"}
 
 
 def load_stage(path: str | Path) -> Any:

@@ -333,6 +333,7 @@ def guided_sample(
     guidance: GuidanceConfig = GuidanceConfig(),
     null_text: torch.Tensor | None = None,
     conditioning: dict[str, torch.Tensor] | None = None,
+    guidance_input: bool = False,
 ) -> Sample:
     """Denoise ``noise`` (B, T, C, H, W) into x0 with DDIM and the configured guidance.
 
@@ -340,11 +341,20 @@ def guided_sample(
     pipeline. Motion-free guidance runs three, [null free; null; text], the first with ``motion_free``
     set. ``null_text`` (B or 1, L, E) is the empty-prompt embedding; None skips guidance (weights 1).
     ``conditioning`` holds extra per-sample model inputs, (B,) each (``fps``), repeated per pass.
+    ``guidance_input``: the model is a guidance-distilled student (DiT ``guidance_conditioning``): one pass
+    per step, given that step's weight as its ``guidance`` input (so any schedule applies); ``null_text`` unused.
     """
     big_t = ac.shape[0]
     b = noise.shape[0]
     steps = ddim_timesteps(num_steps, big_t)
-    weights = guidance_weights(guidance, steps, big_t) if null_text is not None else [1.0] * num_steps
+    if guidance_input:
+        if guidance.motion_scale is not None:
+            raise ValueError("guided_sample: motion-free guidance needs the three passes; a guidance-distilled "
+                             "student takes one (expected motion_scale None with guidance_input)")
+        null_text = None
+        weights = guidance_weights(guidance, steps, big_t)
+    else:
+        weights = guidance_weights(guidance, steps, big_t) if null_text is not None else [1.0] * num_steps
     mfg = null_text is not None and guidance.motion_scale is not None
     passes = 1 if null_text is None else (3 if mfg else 2)
     if null_text is not None:
@@ -358,6 +368,8 @@ def guided_sample(
     for t, w in zip(steps.tolist(), weights):
         x_in = torch.cat([x] * passes)
         t_in = torch.full((x_in.shape[0],), t, dtype=torch.int64, device=x.device)
+        if guidance_input:
+            extra["guidance"] = torch.full((b,), float(w), device=x.device)
         v = model(x_in, text, t_in, **extra).float()
         if mfg:
             v_free, v_null, v_text = v.chunk(3)

@@ -35,6 +35,10 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 def transformer_config(cfg: DiTConfig) -> dict[str, Any]:
     """``CogVideoXTransformer3DModel``'s config.json for ``cfg`` (every __init__ argument)."""
+    if getattr(cfg, "guidance_conditioning", False):
+        raise ValueError("export: a guidance-distilled DiT (guidance_conditioning, trainer/distill.py) takes the CFG "
+                         "weight as an input that diffusers' CogVideoXTransformer3DModel does not have; expected a "
+                         "DiT without it")
     return {
         "_class_name": "CogVideoXTransformer3DModel",
         "_diffusers_version": DIFFUSERS_VERSION,
@@ -128,12 +132,13 @@ def export_diffusers(
     VAE's checkpoint, or None when unknown. ``dtype`` casts the saved weights (None keeps them).
     """
     out = Path(out_dir)
+    transformer = transformer_config(model_config)  # refuses what diffusers cannot load, before anything is written
     weights = _checked_state_dict(model_config, state_dict)
     weights = {k: (v if dtype is None else v.to(dtype)).detach().cpu().contiguous() for k, v in weights.items()}
 
     (out / "transformer").mkdir(parents=True, exist_ok=True)
     save_file(weights, str(out / "transformer" / WEIGHTS_NAME), metadata={"format": "pt"})
-    _write_json(out / "transformer" / "config.json", transformer_config(model_config))
+    _write_json(out / "transformer" / "config.json", transformer)
     _write_json(out / "scheduler" / "scheduler_config.json", scheduler_config(schedule))
     _write_json(out / "model_index.json", {
         "_class_name": "CogVideoXPipeline",

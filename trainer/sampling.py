@@ -171,9 +171,12 @@ class Sampler:
                 noise = torch.randn(shape, generator=noise_generator(seed, i)).to(self.device)
                 cond = ({"fps": torch.full((1,), float(fps), device=self.device)}
                         if getattr(self.dit.cfg, "fps_conditioning", False) else None)
+                # A guidance-distilled student (trainer/distill.py) takes each step's weight as an input: one pass.
+                student = getattr(self.dit.cfg, "guidance_conditioning", False)
                 with autocast:
                     z = guided_sample(self.dit, noise, text, ac=self.ac, num_steps=steps, guidance=guidance,
-                                      null_text=None if plain else null_text, conditioning=cond).x0  # (1, t, C, h, w)
+                                      null_text=None if plain else null_text, conditioning=cond,
+                                      guidance_input=student).x0  # (1, t, C, h, w)
                 z = (z.float() / self.latent_scale).permute(0, 2, 1, 3, 4)  # (1, C, t, h, w)
                 x = self.vae.decode(z)  # (1, 3, frames, H, W)
                 videos.append(to_uint8(x[0]))

@@ -40,8 +40,10 @@ def test_stage_kind_picks_the_trainer(tmp_path: Path) -> None:
     cfg = tmp_path / "stage.toml"
     cfg.write_text('[stage]\nkind = "vae"\n[train]\nsteps = 3\n')
     assert load_stage(cfg).train.steps == 3
+    distill = load_stage(REPO / "jobs/configs/dit_distill.toml")  # trainer.distill's stage: 20 -> 10 -> 5 steps
+    assert distill.stage.kind == "dit_distill" and distill.progressive.student_steps == 5
     cfg.write_text('[stage]\nkind = "gan"\n')
-    with pytest.raises(ValueError, match=r"\[stage\] kind: expected one of \['dit', 'vae'\], got 'gan'"):
+    with pytest.raises(ValueError, match=r"\[stage\] kind: expected one of \['dit', 'dit_distill', 'vae'\], got 'gan'"):
         load_stage(cfg)
 
 

@@ -71,3 +71,10 @@ def test_export_rejects_a_state_dict_of_another_shape(tmp_path):
     with pytest.raises(ValueError, match="missing .*proj_out.bias"):
         export_diffusers(dit_config("tiny"), sd, tmp_path, text_encoder="t5", vae_checkpoint=None)
     assert not (tmp_path / "transformer").exists(), "nothing is written for a state dict that does not fit"
+
+
+def test_export_refuses_a_guidance_distilled_student(tmp_path):
+    cfg = dit_config("tiny", guidance_conditioning=True)  # diffusers' CogVideoX has no guidance input
+    with pytest.raises(ValueError, match="guidance-distilled DiT"):
+        export_diffusers(cfg, DiT(cfg).state_dict(), tmp_path, text_encoder="t5", vae_checkpoint=None)
+    assert not (tmp_path / "transformer").exists()

@@ -13,9 +13,10 @@ Module and parameter names and shapes equal diffusers' ``CogVideoXTransformer3DM
 ``model.state_dict()`` loads there directly (trainer/export.py writes the folder).
 Latents are (B, T, C, H, W) as in diffusers: T latent frames before C channels.
 
-Two options of issue 10, both off by default and then absent from the computation and the state dict:
+Options of issue 10, off by default and then absent from the computation and the state dict:
 GenTron's motion-free switch (``forward(..., motion_free=)``, per sample: frames stop seeing each other,
-see ``_frame_local_attention``) and CogVideo's frame-rate conditioning (``fps_conditioning``).
+see ``_frame_local_attention``), CogVideo's frame-rate conditioning (``fps_conditioning``) and the guidance
+weight input of a guidance-distilled student (``guidance_conditioning``, Imagen Video; trainer/distill.py).
 """
 from __future__ import annotations
 
@@ -31,6 +32,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 POS_EMBEDS = ("sincos", "rope")
+GUIDANCE_EMBED_SCALE = 1000.0
+"""w -> the sinusoid's argument 1000 w (FLUX.1-dev's guidance embedding), so w in [1, 15] spans the timestep range."""
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -74,6 +77,13 @@ class DiTConfig:
     embedding. The module is diffusers' ``ofs_embedding`` (CogVideoX 1.5's extra scalar input, same place,
     same shapes), so an export sets ``ofs_embed_dim`` and diffusers reproduces the output given ``ofs=fps``.
     Off: no such module, the state dict and outputs are the plain DiT's."""
+    guidance_conditioning: bool = False
+    """The classifier-free guidance weight w as an input (Imagen Video / Meng et al.'s guidance distillation:
+    one pass of the student gives the teacher's guided v_u + w (v_c - v_u)). Embedded as FLUX.1-dev's
+    guidance-distilled transformer does it, the sinusoid of 1000 w (w = 1 is no guidance), then Linear ->
+    SiLU -> Linear with the last zero-initialised, added to the timestep embedding; so a student built from
+    a teacher starts at the teacher's conditional prediction. diffusers' CogVideoX has no such input: such a
+    model does not export. Off: no such module, the plain DiT."""
 
     def __post_init__(self) -> None:
         if self.pos_embed not in POS_EMBEDS:
@@ -432,6 +442,8 @@ class DiT(nn.Module):
         self.time_embedding = TimestepMLP(d, cfg.time_embed_dim)
         if cfg.fps_conditioning:
             self.ofs_embedding = TimestepMLP(cfg.time_embed_dim, cfg.time_embed_dim)
+        if cfg.guidance_conditioning:
+            self.guidance_embedding = TimestepMLP(cfg.time_embed_dim, cfg.time_embed_dim)
         self.transformer_blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.num_layers)])
         self.norm_final = nn.LayerNorm(d, eps=cfg.norm_eps, elementwise_affine=True)
         self.norm_out = FinalAdaLN(cfg.time_embed_dim, d, cfg.norm_eps)
@@ -459,6 +471,9 @@ class DiT(nn.Module):
             # trained model starts from that model's outputs.
             nn.init.zeros_(self.ofs_embedding.linear_2.weight)
             nn.init.zeros_(self.ofs_embedding.linear_2.bias)
+        if self.cfg.guidance_conditioning:
+            nn.init.zeros_(self.guidance_embedding.linear_2.weight)
+            nn.init.zeros_(self.guidance_embedding.linear_2.bias)
 
     def positions(self, frames: int, rows: int, cols: int, n_text: int, device: torch.device) -> Any:
         """The positional input of one shape: an additive (N, D) sin-cos table, or RoPE (cos, sin) of
@@ -470,10 +485,11 @@ class DiT(nn.Module):
         return (torch.cat([cos.new_ones(n_text, hd), cos]), torch.cat([sin.new_zeros(n_text, hd), sin]))
 
     def forward(self, latents: torch.Tensor, text: torch.Tensor, timesteps: torch.Tensor, *,
-                motion_free: torch.Tensor | None = None, fps: torch.Tensor | None = None) -> torch.Tensor:
+                motion_free: torch.Tensor | None = None, fps: torch.Tensor | None = None,
+                guidance: torch.Tensor | None = None) -> torch.Tensor:
         """``motion_free`` (B,) bool: those samples' frames do not see each other (GenTron); None or all
         False is the plain DiT. ``fps`` (B,) frame rates, required with ``fps_conditioning`` and refused
-        without it."""
+        without it; ``guidance`` (B,) CFG weights likewise with ``guidance_conditioning``."""
         cfg = self.cfg
         b, t, c, h, w = latents.shape
         p, pt = cfg.patch_size, cfg.patch_size_t or 1
@@ -493,6 +509,10 @@ class DiT(nn.Module):
                              f"{None if fps is None else tuple(fps.shape)}")
         if fps is not None and fps.shape != (b,):
             raise ValueError(f"DiT: expected fps ({b},), got {tuple(fps.shape)}")
+        if (guidance is not None) != cfg.guidance_conditioning or (guidance is not None and guidance.shape != (b,)):
+            raise ValueError(f"DiT: guidance_conditioning={cfg.guidance_conditioning} expects guidance "
+                             f"{f'({b},)' if cfg.guidance_conditioning else 'None'}, got "
+                             f"{None if guidance is None else tuple(guidance.shape)}")
         mf = None
         if motion_free is not None:
             if motion_free.shape != (b,) or motion_free.dtype != torch.bool:
@@ -505,6 +525,9 @@ class DiT(nn.Module):
         emb = self.time_embedding(timestep_sinusoid(timesteps, cfg.dim).to(latents.dtype))  # (B, time_embed_dim)
         if fps is not None:
             emb = emb + self.ofs_embedding(timestep_sinusoid(fps, cfg.time_embed_dim).to(latents.dtype))
+        if guidance is not None:
+            w_emb = timestep_sinusoid(guidance.float() * GUIDANCE_EMBED_SCALE, cfg.time_embed_dim)
+            emb = emb + self.guidance_embedding(w_emb.to(latents.dtype))
         tokens = self.patch_embed(latents, text)  # (B, L + N, D)
         c_tok, x = tokens[:, :n_text], tokens[:, n_text:]  # (B, L, D), (B, N, D)
         pos = self.positions(frames, rows, cols, n_text, latents.device)
@@ -547,7 +570,7 @@ def _param_counts(cfg: DiTConfig) -> tuple[tuple[str, int], ...]:
         model = DiT(cfg)
     total = sum(p.numel() for p in model.parameters())
     per_sample = sum(p.numel() for name, p in model.named_parameters()
-                     if name.startswith(("time_embedding.", "ofs_embedding."))
+                     if name.startswith(("time_embedding.", "ofs_embedding.", "guidance_embedding."))
                      or (".norm" in f".{name}" and ".linear." in name))
     return (("total", total), ("per_sample", per_sample), ("per_token", total - per_sample))
 

@@ -263,9 +263,10 @@ def test_options_off_give_the_plain_dit_bit_for_bit(name):
     latents, text, t = _inputs(cfg, frames, 8, 8)
     with torch.no_grad():
         plain = model(latents, text, t)
-        off = model(latents, text, t, motion_free=torch.zeros(2, dtype=torch.bool), fps=None)
+        off = model(latents, text, t, motion_free=torch.zeros(2, dtype=torch.bool), fps=None, guidance=None)
     assert torch.equal(plain, off)
     assert not cfg.fps_conditioning and not any(k.startswith("ofs_") for k in model.state_dict())
+    assert not cfg.guidance_conditioning and not any(k.startswith("guidance_") for k in model.state_dict())
 
 
 def _dense_block_diagonal_reference(q, k, v, n_text, frames):
