@@ -101,3 +101,49 @@ def dit_stage(assets: dict[str, Path], run_name: str = "dit", **sections: dict[s
     for name, table in sections.items():
         data[name] = data.get(name, {}) | table
     return data
+
+
+SAMPLE_LEARN_STEPS = 400
+"""Steps of the tiny DiT trained on the built-in sample (``train_sample_dit``)."""
+
+
+def sample_dit_stage(assets: dict[str, Path], shards: Path) -> tuple[dict[str, Any], str, int]:
+    """(stage tables, video bucket, clips) of the tiny DiT overfitting up to 4 clips of the built-in sample's largest
+    video bucket (and images of its size), captions always kept (no dropout), so captions are learnt."""
+    from catalog.shards import parse_bucket, read_manifest
+
+    manifest = read_manifest(shards)["buckets"]
+    video = max((b for b in manifest if parse_bucket(b)[0] > 1), key=lambda b: manifest[b]["samples"])
+    n = min(manifest[video]["samples"], 4)
+    image = [b for b in manifest if parse_bucket(b)[0] == 1 and parse_bucket(b)[1:] == parse_bucket(video)[1:]]
+    buckets = [video, *image[:1]]
+    steps = SAMPLE_LEARN_STEPS
+    stage = dit_stage(
+        assets,
+        data={"root": str(shards), "buckets": buckets, "weights": [0.8, 0.2][:len(buckets)],
+              "batch_sizes": [n, 2][:len(buckets)], "shardshuffle": False},
+        text={"dropout": 0.0},
+        optim={"lr": 2e-3, "warmup_steps": 20, "schedule": "constant"},
+        train={"steps": steps, "log_every": 50, "ckpt_every": steps, "sample_every": steps, "ema_decay": 0.9},
+        sample={"prompts": []},
+    )
+    return stage, video, n
+
+
+def train_sample_dit(assets: dict[str, Path], shards: Path, root: Path) -> dict[str, Any]:
+    """The tiny DiT trained once per session on the built-in sample (``sample_dit_stage``): {"run" (its run folder),
+    "stage" (tables), "video", "n", "history" (logged metrics)}. The learning test checks it learnt; the
+    distillation test distils it."""
+    import torch
+
+    from trainer.runtime import LocalRun
+    from trainer.train_dit import config_from_dict, main
+
+    stage, video, n = sample_dit_stage(assets, shards)
+    out = {"run": root / "run", "stage": stage, "video": video, "n": n}
+    if _done(root):
+        return out | {"history": json.loads((root / "done").read_text())}
+    # The unshuffled streams repeat the bucket's few clips epoch after epoch; the evaluation takes the first n.
+    history = main(config_from_dict(stage), LocalRun(out["run"], device=torch.device("cpu")))
+    (root / "done").write_text(json.dumps(history))
+    return out | {"history": history}

@@ -43,3 +43,11 @@ def sample_dit_shards(sample_curation, tmp_path_factory):
     session's sample curation)."""
     return _dit_fixtures().build_sample_shards(sample_curation / "catalog.duckdb",
                                                tmp_path_factory.getbasetemp() / "sample_dit_shards")
+
+
+@pytest.fixture(scope="session")
+def sample_dit_run(dit_assets, sample_dit_shards, tmp_path_factory):
+    """The tiny DiT trained 400 steps on the built-in sample's clips (dit_fixtures.train_sample_dit), once per
+    session: the learning test checks it, the distillation test distils it (slow: ~1 min plus the curation)."""
+    return _dit_fixtures().train_sample_dit(dit_assets, sample_dit_shards,
+                                            tmp_path_factory.getbasetemp() / "sample_dit_run")

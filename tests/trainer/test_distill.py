@@ -93,3 +93,173 @@ def test_one_round_brings_the_4_step_student_closer_to_the_teachers_8_steps():
     teacher_gap, student_gap = (t4 - t8).square().mean().item(), (s4 - t8).square().mean().item()
     assert len(losses) == 400 and all(torch.isfinite(torch.tensor(losses)))
     assert student_gap < teacher_gap, (student_gap, teacher_gap)
+
+
+# ---------------------------------------------------------------------------------------------
+# Guidance distillation and the dit_distill stage
+# ---------------------------------------------------------------------------------------------
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from trainer.distill import (  # noqa: E402
+    DistillStageConfig,
+    config_from_dict,
+    distill_guidance,
+    guided_v,
+    main,
+    student_from_teacher,
+)
+from trainer.runtime import LocalRun  # noqa: E402
+
+sys.path.append(str(Path(__file__).resolve().parents[1]))  # tests/dit_fixtures.py
+import dit_fixtures  # noqa: E402
+
+DISTILL_W = 4.0
+"""The guidance weight the stage test samples at (inside the distilled range [1, 8])."""
+
+
+def test_the_student_starts_as_the_teachers_conditional_prediction_and_w_then_matters():
+    teacher = _random_dit()
+    student = student_from_teacher(teacher).eval()
+    g = torch.Generator().manual_seed(2)
+    x, text, t = torch.randn(2, 2, 16, 8, 8, generator=g), torch.randn(2, 8, 32, generator=g), torch.tensor([999, 400])
+    with torch.no_grad():
+        plain = teacher(x, text, t)
+        for w in (1.0, 7.5):
+            assert torch.equal(student(x, text, t, guidance=torch.full((2,), w)), plain)  # zero-initialised w embedding
+        student.guidance_embedding.linear_2.weight.normal_(0.0, 0.1)
+        a, b = (student(x, text, t, guidance=torch.full((2,), w)) for w in (1.0, 7.5))
+    assert (a - b).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="guidance_conditioning=True expects guidance"):
+        student(x, text, t)
+    with pytest.raises(ValueError, match="guidance_conditioning=False expects guidance None"):
+        teacher(x, text, t, guidance=torch.ones(2))
+
+
+def test_guided_v_is_cfg_per_sample_and_guidance_distillation_fits_it():
+    teacher = _random_dit()
+    g = torch.Generator().manual_seed(3)
+    x, text, t = torch.randn(2, 2, 16, 8, 8, generator=g), torch.randn(2, 8, 32, generator=g), torch.tensor([700, 200])
+    null = torch.zeros(1, 8, 32)
+    v = guided_v(teacher, x, text, t, torch.tensor([1.0, 5.0]), null)
+    with torch.no_grad():
+        vu, vc = teacher(x, null.expand_as(text), t), teacher(x, text, t)
+    torch.testing.assert_close(v[0], vc[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(v[1], D.cfg_combine(vu, vc, 5.0)[1], rtol=1e-4, atol=1e-5)
+
+    x0_all, text_all = torch.randn(4, 2, 16, 8, 8, generator=g), torch.randn(4, 8, 32, generator=g)
+
+    def data():
+        while True:
+            yield x0_all, text_all
+
+    student = student_from_teacher(teacher)
+    losses = distill_guidance(student, teacher.requires_grad_(False), data(), AC, null, steps=60, lr=1e-3,
+                              guidance_range=(1.0, 8.0))
+    assert len(losses) == 60 and sum(losses[-10:]) < 0.5 * sum(losses[:10]), (losses[:10], losses[-10:])
+
+
+def test_a_guidance_distilled_sampler_gives_each_steps_weight_as_input():
+    seen = []
+
+    def model(x, text, t, guidance):
+        seen.append((int(t[0]), guidance.tolist()))
+        return torch.zeros_like(x)
+
+    cfg = D.GuidanceConfig(schedule="oscillating", high=15.0, low=1.0, high_steps=1)
+    out = D.guided_sample(model, torch.randn(2, 1, 4, 2, 2), torch.zeros(2, 3, 5), ac=AC, num_steps=4, guidance=cfg,
+                          null_text=torch.zeros(1, 3, 5), guidance_input=True)
+    assert out.weights == [15.0, 1.0, 15.0, 1.0]
+    assert seen == [(t, [w, w]) for t, w in zip(D.ddim_timesteps(4).tolist(), out.weights)]  # one pass per step
+
+
+def test_distill_stage_config_names_its_problems():
+    base = {"stage": {"kind": "dit_distill"}, "teacher": {"checkpoint": "runs/x"}}
+    cfg = config_from_dict(base | {"progressive": {"teacher_steps": 20, "rounds": 2}})
+    assert cfg.progressive.student_steps == 5 and config_from_dict(dataclasses.asdict(cfg)) == cfg
+    with pytest.raises(ValueError, match="cannot be halved 2 times"):
+        config_from_dict(base | {"progressive": {"teacher_steps": 16, "rounds": 2}})
+    with pytest.raises(ValueError, match="unknown key.*'roundz'"):
+        config_from_dict(base | {"progressive": {"roundz": 1}})
+    with pytest.raises(ValueError, match="workers: distillation runs in one process"):
+        config_from_dict(base | {"ray": {"workers": 2}})
+    with pytest.raises(ValueError, match=r"\[teacher\] checkpoint"):
+        DistillStageConfig()
+
+
+# Measured (1 thread, seeds fixed; teacher = the session's tiny DiT trained 400 steps on the built-in sample's
+# clips, tests/dit_fixtures.py train_sample_dit): MSE to the teacher's 4-step guided samples (w = 4, same noise, the
+# clips' captions) is 0.3303 for the teacher's own 2-step guided samples and 0.1665 for the 2-step student after
+# guidance distillation (w in [1, 8], 500 steps) and one round 4 -> 2 (500 steps). Without gradient clipping the
+# guidance phase's high-w batches made the result swing (0.19-0.31 in trials); at N = 8 -> 4 the teacher's own
+# 4 steps are already within 0.018 of its 8 and this 500-step guidance distillation does not get that close.
+# ~65 s here beyond the shared fixtures: slow.
+@pytest.mark.slow
+def test_distilled_student_at_half_the_steps_is_closer_to_the_teachers_guided_samples(
+        dit_assets, sample_dit_shards, sample_dit_run, tmp_path):
+    from trainer.distill import load_teacher
+    from trainer.sampling import load_vae
+    from trainer.text import TextConfig, TextEncoder
+    from trainer.train_dit import config_from_dict as dit_config_from_dict
+    from catalog.config import from_dict
+
+    torch.set_num_threads(1)
+    video, n = sample_dit_run["video"], sample_dit_run["n"]
+    stage = config_from_dict({
+        "stage": {"kind": "dit_distill"},
+        "teacher": {"checkpoint": str(sample_dit_run["run"])},
+        "data": {"root": str(sample_dit_shards), "buckets": [video], "weights": [1.0], "batch_sizes": [n],
+                 "shardshuffle": False, "num_workers": 0},
+        "guidance": {"w_min": 1.0, "w_max": 8.0},
+        "progressive": {"teacher_steps": 4, "rounds": 1},
+        "train": {"steps": DISTILL_STEPS, "lr": 1e-3, "log_every": 100, "grad_clip": 1.0, "batch_reuse": 4},
+        "ray": {"name": "distill"},
+    })
+    main(stage, LocalRun(tmp_path / "distill", device=torch.device("cpu")))
+    _, state, teacher = load_teacher(sample_dit_run["run"], "ema", torch.device("cpu"))
+    _, s_state = load_checkpoint_state(tmp_path / "distill")
+    assert s_state["distill"]["sampling_steps"] == 2 and s_state["config"]["sample"]["steps"] == 2
+    assert s_state["distill"]["guidance"] == {"input": True, "w_min": 1.0, "w_max": 8.0}
+    student = student_from_teacher(teacher)
+    student.load_state_dict(s_state["ema"])
+    student.eval()
+
+    encoder = TextEncoder(from_dict(TextConfig, dict(state["config"]["text"]), where="text"), torch.device("cpu"))
+    captions = _captions(sample_dit_shards, video, n)
+    text = encoder.encode(captions)[0].float()
+    null = encoder.empty()[0][None].float()
+    ac = D.alphas_cumprod(D.ScheduleConfig(**state["schedule"]))
+    vae, _ = load_vae(state["vae_checkpoint"], device=torch.device("cpu"))
+    t_lat = (int(video.split("x")[0]) - 1) // vae.cfg.temporal_factor + 1
+    h, w = (int(s) // vae.cfg.spatial_factor for s in video.split("x")[1:])
+    noise = torch.randn(n, t_lat, vae.cfg.latent_channels, h, w, generator=torch.Generator().manual_seed(5))
+    g = D.GuidanceConfig(scale=DISTILL_W)
+    t4 = D.guided_sample(teacher, noise, text, ac=ac, num_steps=4, guidance=g, null_text=null).x0
+    t2 = D.guided_sample(teacher, noise, text, ac=ac, num_steps=2, guidance=g, null_text=null).x0
+    s2 = D.guided_sample(student, noise, text, ac=ac, num_steps=2, guidance=g, guidance_input=True).x0
+    teacher_gap, student_gap = (t2 - t4).square().mean().item(), (s2 - t4).square().mean().item()
+    print(f"MSE to the teacher's 4-step guided samples (w={DISTILL_W:g}): teacher 2 steps {teacher_gap:.4f}, "
+          f"distilled student 2 steps {student_gap:.4f}; phases {json.dumps(s_state['distill']['phases'])}")
+    assert student_gap < teacher_gap, (student_gap, teacher_gap)
+
+
+DISTILL_STEPS = 500
+
+
+def load_checkpoint_state(run: Path):
+    from trainer.checkpoint import latest_checkpoint, load_checkpoint
+
+    folder = latest_checkpoint(run)
+    state, _ = load_checkpoint(folder, rank=0)
+    return folder, state
+
+
+def _captions(root: Path, bucket: str, n: int) -> list[str]:
+    from trainer.data import DiTBatches, DiTDataConfig
+
+    data = DiTDataConfig(root=str(root), buckets=(bucket,), weights=(1.0,), batch_sizes=(n,), shardshuffle=False,
+                         num_workers=0)
+    return next(iter(DiTBatches(data, seed=0)))["captions"]

@@ -17,7 +17,6 @@ import pytest
 import torch
 from PIL import Image
 
-from catalog.shards import parse_bucket, read_manifest
 from trainer.checkpoint import latest_checkpoint, load_checkpoint, write_video
 from trainer.config import RayConfig
 from trainer.data import DiTBatches, DiTDataConfig, batch_latents, posterior_generator
@@ -209,30 +208,19 @@ def _clips(root: Path, bucket: str, n: int, vae, scale: float, encoder) -> tuple
 
 
 @pytest.mark.slow
-def test_the_tiny_dit_overfits_sample_clips_and_uses_their_captions(dit_assets, sample_dit_shards, tmp_path) -> None:
-    manifest = read_manifest(sample_dit_shards)["buckets"]
-    video = max((b for b in manifest if parse_bucket(b)[0] > 1), key=lambda b: manifest[b]["samples"])
-    n = min(manifest[video]["samples"], 4)
-    image = [b for b in manifest if parse_bucket(b)[0] == 1 and parse_bucket(b)[1:] == parse_bucket(video)[1:]]
-    buckets = [video, *image[:1]]
-    cfg = cfg_for(
-        dit_assets,
-        data={"root": str(sample_dit_shards), "buckets": buckets, "weights": [0.8, 0.2][:len(buckets)],
-              "batch_sizes": [n, 2][:len(buckets)], "shardshuffle": False},
-        text={"dropout": 0.0},
-        optim={"lr": 2e-3, "warmup_steps": 20, "schedule": "constant"},
-        train={"steps": LEARN_STEPS, "log_every": 50, "ckpt_every": LEARN_STEPS, "sample_every": LEARN_STEPS,
-               "ema_decay": 0.9},
-        sample={"prompts": []},
-    )
-    # The unshuffled streams repeat the bucket's few clips epoch after epoch; the evaluation takes the first n.
-    history = main(cfg, LocalRun(tmp_path / "run", device=CPU))
+def test_the_tiny_dit_overfits_sample_clips_and_uses_their_captions(dit_assets, sample_dit_shards, sample_dit_run
+                                                                     ) -> None:
+    # The session's tiny DiT trained LEARN_STEPS steps on the sample's clips (tests/dit_fixtures.py train_sample_dit).
+    assert dit_fixtures.SAMPLE_LEARN_STEPS == LEARN_STEPS
+    cfg = config_from_dict(sample_dit_run["stage"])
+    video, n, history = sample_dit_run["video"], sample_dit_run["n"], sample_dit_run["history"]
+    run = sample_dit_run["run"]
 
     vae, folder = load_vae(dit_assets["vae"], device=CPU)
     scale = history[-1]["latent_scale"]
     encoder = TextEncoder(cfg.text, CPU)
     x0, text, captions = _clips(sample_dit_shards, video, n, vae, scale, encoder)
-    state, _ = load_checkpoint(latest_checkpoint(tmp_path / "run"), rank=0)
+    state, _ = load_checkpoint(latest_checkpoint(run), rank=0)
     dit_cfg = DiTConfig(**{k: v for k, v in state["dit_config"].items()})
     ac = alphas_cumprod(cfg.diffusion.schedule_config())
     seed_everything(cfg.train.seed)  # main's initial weights
