@@ -26,13 +26,18 @@ from pathlib import Path
 W, H, FPS = 384, 216, 24
 
 _CHILD = r"""
-import json, resource, sys, time
+import json, sys, time
 from pipeline.analyze import ClipResult, iter_analyze
 from pipeline.scenecut import SceneCutConfig
 from pipeline.settings import DecodeConfig, PrefilterConfig
 import cv2
 cv2.setNumThreads(1)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def hwm_kb():
+    # This process's own peak (VmHWM). getrusage's ru_maxrss starts at the parent's peak across fork + exec, so a
+    # bench process that generated the 16000x16000 frames passed its 2.6 GB on to every later measurement.
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+base = hwm_kb()
 t0 = time.perf_counter()
 clips, last = 0, None
 for item in iter_analyze(sys.argv[1], DecodeConfig(), SceneCutConfig(), PrefilterConfig()):
@@ -40,7 +45,7 @@ for item in iter_analyze(sys.argv[1], DecodeConfig(), SceneCutConfig(), Prefilte
         clips += 1
     else:
         last = item
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm_kb()
 print(json.dumps({"baseline_kb": base, "peak_kb": peak, "clips": clips, "seconds": time.perf_counter() - t0,
                   "reject": last.reject, "frames": None if last.video is None else last.video["frames"]}))
 """
