@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import webdataset as wds
 
 from catalog.db import register_run
@@ -38,6 +39,7 @@ in_flight = 4
 """
 
 
+@pytest.mark.slow  # an in-process Ray start: ~24 s here
 def test_job_writes_each_configured_stride_with_its_fps(tmp_path, capsys):
     videos, clips = make_library(tmp_path / "raw")
     db = tmp_path / "catalog.duckdb"
