@@ -1,5 +1,6 @@
-"""python -m jobs.end_to_end with no arguments, end to end on the built-in sample (slow: a few minutes), then
-again: every step is skipped and no output is rewritten."""
+"""`ray job submit -- python -m jobs.end_to_end` with no arguments to a real head, end to end on the built-in sample
+(slow: a few minutes); then again in-process, where every step is skipped and no output is rewritten, and killed
+in the DiT stage and resumed."""
 from __future__ import annotations
 
 from procs import descendants
@@ -12,7 +13,7 @@ import pytest
 
 from catalog.db import open_catalog
 from catalog.shards import read_manifest
-from jobs.end_to_end import DEFAULT_CONFIG, STEPS, run_metrics
+from jobs.end_to_end import DEFAULT_CONFIG, STEPS, TRAIN_STEPS, run_metrics
 from jobs.end_to_end import main as end_to_end
 from trainer.checkpoint import checkpoint_step, latest_checkpoint
 
@@ -20,16 +21,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> tuple[Path, str]:
-    import contextlib
-    import io
-
+def run(ray_head, tmp_path_factory) -> tuple[Path, str]:
+    """The no-argument job (built-in sample, shipped end_to_end.toml), sent with `ray job submit` to the session's
+    real head: one run is both the end-to-end test and the submit test (every step in the submitted driver on the
+    head's cluster). The in-process path runs in the kill-and-resume test below."""
     out = tmp_path_factory.mktemp("end_to_end") / "run"
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        rc = end_to_end(["--output", str(out)])
-    console = buf.getvalue()
-    assert rc == 0, console[-5000:]
+    sub = ray_head.submit("python", "-m", "jobs.end_to_end", "--output", str(out), timeout=1800)
+    console = sub.stdout + sub.stderr
+    assert sub.returncode == 0, console[-6000:]
+    assert "ray: connected to" in console and "in-process cluster" not in console  # it joined the head
     return out, console
 
 
@@ -95,6 +95,10 @@ def test_the_hq_checkpoint_trained_on_exactly_the_predicates_rows(run) -> None:
     row = _query(db, f"SELECT selection, selection_rows, selection_sha256, init_from FROM checkpoints "
                      f"WHERE checkpoint = '{ckpt}'")[0]
     assert row[:3] == (where, len(want), lineage["clip_ids_sha256"]) and row[3] == str(out / "runs" / "dit")
+    # Every training stage's checkpoint has its lineage rows (which clips trained it).
+    runs = _query(db, "SELECT run, count(DISTINCT clip_id) FROM checkpoints JOIN checkpoint_clips USING (checkpoint) "
+                      "GROUP BY ALL ORDER BY 1")
+    assert [r[0] for r in runs] == sorted(TRAIN_STEPS) and all(n > 0 for _, n in runs)
 
 
 def test_samples_export_and_report(run) -> None:
