@@ -50,7 +50,7 @@ from trainer.diffusion import (
     stratified_timesteps,
     timestep_bins,
 )
-from trainer.metrics import MetricWindow, peak_flops
+from trainer.metrics import MetricWindow, data_metrics, peak_flops
 from trainer.models.dit import DIT_PRESETS, Block, DiT, DiTConfig, dit_config, flops_per_token
 from trainer.models.latte import (LATTE_VARIANTS, FactorisedAttentionBlock, FactorisedHeadsBlock, Latte, SpatialBlock,
                                   TemporalBlock, latte_flops, latte_from_dit)
@@ -65,7 +65,6 @@ from trainer.runtime import (
     model_state,
     optimizer_state,
     rank_seed,
-    reduce_sum,
     restore_rng,
     run_worker,
     save_and_report,
@@ -509,13 +508,6 @@ def sample_flops(cfg: DiTStageConfig, dit_cfg: DiTConfig, latent_shape: tuple[in
         return seq * flops_per_token(dit_cfg, seq)
     latte = latte_from_dit(dit_cfg, cfg.model.attention.removeprefix("latte_"))
     return latte_flops(latte, t, h // dit_cfg.patch_size, w // dit_cfg.patch_size, n_text)
-
-
-def data_metrics(batches: DiTBatches, device: torch.device) -> dict[str, float]:
-    """Samples read and bad samples skipped, summed over ranks (a collective)."""
-    m = batches.metrics()
-    read, bad = reduce_sum([m["data_samples_read"], m["data_bad_samples"]], device)
-    return {"data_samples_read": read, "data_bad_samples": bad, "data_bad_fraction": bad / max(read, 1.0)}
 
 
 def write_stage_samples(folder: Path, step: int, cfg: DiTStageConfig, sampler: Sampler) -> None:
