@@ -297,16 +297,18 @@ def per_sample_loss(model: nn.Module, x0: torch.Tensor, text: torch.Tensor, t: t
 
 @torch.no_grad()
 def fixed_eval_loss(model: nn.Module, x0: torch.Tensor, text: torch.Tensor, ac: torch.Tensor, *,
-                    timesteps: tuple[int, ...] = (100, 300, 500, 700, 900), seed: int = 0) -> torch.Tensor:
+                    timesteps: tuple[int, ...] = (100, 300, 500, 700, 900), seed: int = 0,
+                    **cond: torch.Tensor) -> torch.Tensor:
     """(B,) loss of each sample averaged over fixed timesteps with fixed noise: comparable across
-    models and captions (CogVideoX's Table 9 evaluates at t = 100 ... 900)."""
+    models, captions and conditions (CogVideoX's Table 9 evaluates at t = 100 ... 900). ``cond``: the
+    model's optional per-sample inputs, as for ``per_sample_loss``."""
     was_training = model.training
     model.eval()
     total = torch.zeros(x0.shape[0], dtype=torch.float64)
     for k, t in enumerate(timesteps):
         noise = torch.randn(x0.shape, generator=noise_generator(seed, -1 - k, 0)).to(x0.device)
         tt = torch.full((x0.shape[0],), t, dtype=torch.int64, device=x0.device)
-        total += per_sample_loss(model, x0, text, tt, noise, ac, contextlib.nullcontext()).double().cpu()
+        total += per_sample_loss(model, x0, text, tt, noise, ac, contextlib.nullcontext(), **cond).double().cpu()
     model.train(was_training)
     return (total / len(timesteps)).float()
 

@@ -95,3 +95,50 @@ def test_latte_attention_trains_in_the_same_loop_and_samples(dit_assets, tmp_pat
     out = tmp_path / "diffusers"
     assert export_job(["--checkpoint", str(tmp_path / "run"), "--to", "diffusers", "--output", str(out)]) == 2
     assert not out.exists() or not any(out.iterdir())
+
+
+# Measured (1 thread): here, seed 0, fixed-timestep loss 0.2710 with the true frame rate, 0.5874 swapped. With
+# seeds 0-3 after 1000 steps: 0.27-0.33 true vs 0.49-0.53 swapped; at 500-750 steps the two were still
+# equal to 3 decimals (the frame rate is learned late), hence 1500 steps. With the embedder's first layer at
+# N(0, 0.02) instead of 1/sqrt(fan_in), 3 of those 4 seeds had not learned it by step 1000.
+@pytest.mark.slow
+def test_a_model_trained_on_two_frame_rates_of_the_same_clips_needs_the_true_fps() -> None:
+    from trainer import diffusion as D
+    from trainer.models.dit import DiT, dit_config
+    from trainer.train_dit import fixed_eval_loss, per_sample_loss
+
+    torch.set_num_threads(1)
+    ac = D.alphas_cumprod(D.SCHEDULE_PRESETS["tiny"])
+    g = torch.Generator().manual_seed(0)
+    n, frames, source_frames = 8, 3, 5
+    # Eight source clips (latent frames of 8x8, 16 channels): a grating of its own phase and channel
+    # amplitudes moving 1.5 latent px per frame. Written at stride 1 (8 fps) and stride 2 (4 fps), as the
+    # shard job's [buckets] strides does; both copies share the caption, so only fps tells them apart
+    # where the noise hides the motion.
+    cols = torch.arange(8).float()
+    phase, amp = torch.rand(n, generator=g) * 6.28, torch.randn(n, 16, generator=g)
+    source = torch.stack([
+        amp[i][None, :, None, None] * torch.sin(2 * torch.pi * (cols - 1.5 * torch.arange(source_frames)[:, None]) / 8
+                                                + phase[i])[:, None, None, :].expand(source_frames, 1, 8, 8)
+        for i in range(n)])  # (n, source_frames, 16, 8, 8)
+    x0_all = torch.cat([source[:, :frames], source[:, ::2][:, :frames]])  # (2n, 3, 16, 8, 8)
+    fps_all = torch.tensor([8.0] * n + [4.0] * n)
+    text = torch.randn(n, 8, 32, generator=g)
+    text_all = torch.cat([text, text])
+
+    torch.manual_seed(0)
+    model = DiT(dit_config("tiny", fps_conditioning=True))
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for _ in range(1500):
+        idx = torch.randint(0, 2 * n, (8,), generator=g)
+        t = torch.randint(0, 1000, (8,), generator=g)
+        noise = torch.randn(x0_all[idx].shape, generator=g)
+        loss = per_sample_loss(model, x0_all[idx], text_all[idx], t, noise, ac, torch.autocast("cpu", enabled=False),
+                               fps=fps_all[idx]).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    true_fps = fixed_eval_loss(model, x0_all, text_all, ac, fps=fps_all).mean().item()
+    swapped = fixed_eval_loss(model, x0_all, text_all, ac, fps=12.0 - fps_all).mean().item()
+    assert true_fps < 0.8 * swapped, (true_fps, swapped)
