@@ -1096,7 +1096,8 @@ def _analysis_frames(path: Path, info: MediaInfo, detect_width: int, size: tuple
     if prefetch:
         # Decoding and the conversions below cost about the same; in two threads (libavcodec, swscale and cv2
         # release the GIL) they overlap on two cores instead of one thread feeding the scene cut alone
-        # (bench/curate_cpu.py's 900 frames: 0.93 -> 0.78 s; a third thread for the kept frames' RGB was slower).
+        # (bench/curate_cpu.py's 900 frames, 3 alternating runs: 0.95-1.01 -> 0.82-0.90 s; the kept frames' RGB in
+        # the decode thread, or in a third one, was slower).
         depth = max(2, min(_PREFETCH_FRAMES, _PREFETCH_BYTES // max(1, w * h * 3 // 2)))
         decoded = _prefetched(decoded, depth, name=f"decode {path.name}")
     staged = _small_frames(decoded, info, dsize, keep)
