@@ -1098,7 +1098,8 @@ def _analysis_frames(path: Path, info: MediaInfo, detect_width: int, size: tuple
         # release the GIL) they overlap on two cores instead of one thread feeding the scene cut alone
         # (bench/curate_cpu.py's 900 frames, 3 alternating runs: 0.95-1.01 -> 0.82-0.90 s; the kept frames' RGB in
         # the decode thread, or in a third one, was slower).
-        depth = max(2, min(_PREFETCH_FRAMES, _PREFETCH_BYTES // max(1, w * h * 3 // 2)))
+        # Bytes as open_frames counts them (3 per pixel): a 4:2:0 frame holds half that, 4:4:4 or 10-bit more.
+        depth = max(2, min(_PREFETCH_FRAMES, _PREFETCH_BYTES // max(1, w * h * 3)))
         decoded = _prefetched(decoded, depth, name=f"decode {path.name}")
     staged = _small_frames(decoded, info, dsize, keep)
     for index, small, source in staged:
