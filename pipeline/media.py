@@ -1101,21 +1101,6 @@ def _analysis_frames(path: Path, info: MediaInfo, detect_width: int, size: tuple
         # Bytes as open_frames counts them (3 per pixel): a 4:2:0 frame holds half that, 4:4:4 or 10-bit more.
         depth = max(2, min(_PREFETCH_FRAMES, _PREFETCH_BYTES // max(1, w * h * 3)))
         decoded = _prefetched(decoded, depth, name=f"decode {path.name}")
-    staged = _small_frames(decoded, info, dsize, keep)
-    for index, small, source in staged:
-        if source is None:
-            yield index, small, None
-        elif isinstance(source, np.ndarray):  # full RGB in coded orientation
-            yield index, small, _shrink_plane(_to_display(source, info.rotation), size)
-        else:
-            yield index, small, _shrink_plane(_frame_rgb(source, (w, h), info), size)
-
-
-def _small_frames(decoded: Iterator[tuple[int, av.VideoFrame]], info: MediaInfo, dsize: tuple[int, int],
-                  keep: Callable[[int], bool]) -> Iterator[tuple[int, np.ndarray, av.VideoFrame | np.ndarray | None]]:
-    """``(index, small_bgr, source)``: the detector's frame, and for kept frames what their RGB is made from
-    (the decoded frame, or its full RGB array where it was converted whole)."""
-    w, h = info.width, info.height
     for index, frame in decoded:
         kept = keep(index)
         if frame.format.name in _PLANAR_420 and frame.width == w and frame.height == h:
@@ -1129,8 +1114,9 @@ def _small_frames(decoded: Iterator[tuple[int, av.VideoFrame]], info: MediaInfo,
             small = np.concatenate([_shrink_plane(y, dsize), _shrink_plane(u, (cw, ch)).reshape(-1, dsize[0]),
                                     _shrink_plane(v, (cw, ch)).reshape(-1, dsize[0])])
             small = cv2.cvtColor(small, cv2.COLOR_YUV2BGR_I420)
-            yield index, small, frame if kept else None
+            rgb = _shrink_plane(_frame_rgb(frame, (w, h), info), size) if kept else None
         else:
             full = frame.to_ndarray(format="rgb24")                 # coded orientation
             small = cv2.cvtColor(_shrink_plane(full, dsize), cv2.COLOR_RGB2BGR)
-            yield index, small, full if kept else None
+            rgb = _shrink_plane(_to_display(full, info.rotation), size) if kept else None
+        yield index, small, rgb

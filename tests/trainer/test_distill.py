@@ -191,8 +191,8 @@ def test_distill_stage_config_names_its_problems():
 
 
 def _sample_setup(sample_dit_run, sample_dit_shards):
-    """(teacher, state, text, null, ac, noise(seed)) of the session's tiny DiT trained on the built-in sample: its
-    clips' captions through its text encoder, noise shaped as its video bucket's latents."""
+    """(teacher, state, text, null, ac, noise(seed), vae, encoder) of the session's tiny DiT trained on the built-in
+    sample: its clips' captions through its text encoder, noise shaped as its video bucket's latents."""
     from catalog.config import from_dict
     from trainer.distill import load_teacher
     from trainer.sampling import load_vae
