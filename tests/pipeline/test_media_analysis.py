@@ -60,3 +60,24 @@ def test_undecodable_frames_raise(bad_inputs):
     with pytest.raises(DecodeError):
         info = probe(path)
         list(iter_analysis(path, info, detect_width=160, max_side=384, keep=_keep))
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 8])
+def test_decode_ahead_in_chunks_keeps_order_and_delivers_what_came_before_an_error(chunk):
+    from pipeline.media import _prefetched
+
+    def source(fail_at):
+        for i in range(10):
+            if i == fail_at:
+                raise DecodeError(f"frame {i} is damaged")
+            yield i
+
+    assert list(_prefetched(source(None), 16, name="t", chunk=chunk)) == list(range(10))
+    got = []
+    with pytest.raises(DecodeError, match="frame 7"):
+        for item in _prefetched(source(7), 16, name="t", chunk=chunk):
+            got.append(item)
+    assert got == list(range(7))  # the frames decoded before the damage still reach the consumer, in order
+    stream = _prefetched(source(None), 16, name="t", chunk=chunk)
+    assert [next(stream), next(stream)] == [0, 1]
+    stream.close()  # a consumer that stops early ends the worker instead of hanging on a full queue
