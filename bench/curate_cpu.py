@@ -4,7 +4,8 @@ Generates a 30 s 640x360 H.264 clip (moving texture with hard cuts), then times,
   1. the CPU stages together (probe + one decode + scene cut + sharpness/motion/overlay per clip),
   2. a plain sequential decode of the same file to RGB frames (PyAV, full resolution),
   3. the `scenedetect` command line alone (detect-adaptive, its defaults).
-  4. the OCR stage alone (PP-OCRv4 detection, its bundled weights, one onnxruntime thread as an actor gets), on
+  4. the OCR stage alone (PP-OCRv4 detection, and recognition of the mean frame's corners, its bundled weights, one
+     onnxruntime thread as an actor gets), on
      the frames the curation hands it (``[decode] model_fps`` per second at the analysis size), printed
      apart: it runs in its own actor pool, not in the CPU stages above.
 Last line: ratio_vs_decode=X ratio_vs_scenedetect=Y  (targets: >= 1.0 and >= 1.5).
@@ -130,7 +131,7 @@ def main() -> None:
     print(f"CPU stages (decode+cut+scores):      {fps_cpu:8.1f} frames/s")
     print(f"scenedetect CLI (detect-adaptive):   {fps_sd:8.1f} frames/s")
     rate = len(sampled) / t_ocr
-    print(f"OCR stage (PP-OCRv4 det, 1 thread): {rate:8.1f} frames/s on {len(sampled)} frames "
+    print(f"OCR stage (PP-OCRv4 det+read, 1 thread): {rate:8.1f} frames/s on {len(sampled)} frames "
           f"{sampled.shape[2]}x{sampled.shape[1]} ({ocr.provider}), "
           f"{rate / DecodeConfig().model_fps:.1f} video seconds/s")
     print(f"ratio_vs_decode={fps_cpu / fps_dec:.2f} ratio_vs_scenedetect={fps_cpu / fps_sd:.2f}")

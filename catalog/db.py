@@ -69,6 +69,7 @@ LINEAGE_TABLES = ("checkpoints", "checkpoint_clips")
 # with NULLs there (the report then shows a placeholder card instead of a preview).
 ADDED_COLUMNS: dict[str, tuple[str, ...]] = {"clips": ("preview_jpeg", "text_area_max", "text_area_mean", "text_boxes",
                                                       "text_persistent_area", "text_persistent_box",
+                                                      "text_mark", "text_mark_confidence", "text_mark_box",
                                                       "overlay_clip_score", "overlay_video_score", "overlay_video_box"),
                                              "videos": ("damaged_frames", "overlay_score", "overlay_box")}
 DEFAULT_FILENAME = "catalog.duckdb"
@@ -148,6 +149,12 @@ THRESHOLD_RULES: tuple[ThresholdRule, ...] = (
         "text_persistent_max", "text_persistent_area", "<=", 0.003,
         "highest clips.text_persistent_area kept: text that stays in place across the clip (watermark, timestamp, "
         "channel name; a small corner mark covers ~0.005-0.01); NULL (no OCR stage) passes",
+        null_passes=True,
+    ),
+    ThresholdRule(
+        "text_mark_max", "text_mark_confidence", "<=", 0.5,
+        "highest clips.text_mark_confidence kept: text of 2+ characters read in a corner of the clip's mean frame "
+        "(marks 0.6-1, also over static content; clean footage <= 0.36); NULL (no OCR stage) passes",
         null_passes=True,
     ),
     ThresholdRule(

@@ -141,6 +141,7 @@ PREVIEW_GAP = 3
 # Boxes drawn over every frame of a card's strip: the column, its label, the CSS class that colours it.
 BOX_COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("text_persistent_box", "persistent text (OCR)", "box-text"),
+    ("text_mark_box", "corner text mark (OCR read)", "box-mark"),
     ("overlay_box", "static overlay", "box-overlay"),
 )
 
@@ -308,7 +309,7 @@ th { background: #f0f0f0; } td.num, th.num { text-align: right; }
 .thumbs { display: flex; gap: 2px; width: fit-content; background: #111; }
 .strip { position: relative; line-height: 0; }
 .box { position: absolute; box-sizing: border-box; border: 2px solid; pointer-events: none; }
-.box-text { border-color: #ff9800; } .box-overlay { border-color: #2962ff; }
+.box-text { border-color: #ff9800; } .box-overlay { border-color: #2962ff; } .box-mark { border-color: #d500f9; }
 .missing { color: #b00; font-size: 12px; padding: 4px; max-width: 420px; background: #fee; box-sizing: border-box; }
 .clip-id { font: 11px monospace; color: #555; word-break: break-all; }
 .caption { font-style: italic; margin: 4px 0; }
@@ -452,7 +453,8 @@ def render(con: duckdb.DuckDBPyConnection, db_label: str, opts: ReportOptions) -
         if kept:
             out.append("<h2>Kept clips</h2><p class='note'>Spread over kept_clips from the lowest aesthetic score "
                        "up: the first cards are the borderline ones. Outlines on the frames: orange, text that stays "
-                       "in place (OCR, text_persistent_box); blue, a static overlay (overlay_box).</p>")
+                       "in place (OCR, text_persistent_box); magenta, text read in a corner (OCR, text_mark_box); blue, a static "
+                       "overlay (overlay_box).</p>")
         else:
             out.append("<h2>Rejected clips</h2><p class='note'>Examples of every reason in turn; red badges are the "
                        "curation reasons and the thresholds each clip fails.</p>")

@@ -93,6 +93,13 @@ CLIPS = pa.schema([
        "clip and scene text on a locked-off camera); 0 when text only comes and goes"),
     _f("text_persistent_box", pa.list_(pa.float32()), "[x0, y0, x1, y1] fractions: bounding box of the persistent "
        "text; null when no text persists"),
+    _f("text_mark", pa.string(), "text read (PP-OCRv4 recognition, no detection box) in a corner of the clip's mean "
+       "frame, at least 2 characters: a channel bug, fansub or copyright mark, an OSD, also over content that does "
+       "not change; null when no corner reads as text"),
+    _f("text_mark_confidence", pa.float32(), "mean character probability of text_mark (0 when nothing was read): "
+       "marks 0.6-1, clean footage <= 0.36"),
+    _f("text_mark_box", pa.list_(pa.float32()), "[x0, y0, x1, y1] fractions: where text_mark was read; null when "
+       "nothing was"),
     _f("watermark_prob", pa.float32(), "watermark classifier probability (mean over sampled frames)"),
     _f("watermark_max", pa.float32(), "largest per-frame watermark probability"),
     _f("aesthetic_mean", pa.float32(), "LAION aesthetic score (about 1-10), mean over ~1 fps frames"),

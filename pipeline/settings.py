@@ -49,6 +49,9 @@ class PrefilterConfig:
     # captions, title cards), and share covered by text that stays in place across the clip (watermark, OSD)
     text_area_max: float | None = 0.02
     text_persistent_max: float | None = 0.003
+    # ...and the confidence of text read in a corner of the clip's mean frame (PP-OCRv4 recognition, 2+ characters):
+    # marks over static content read at 0.62-0.98 on the logo dev set, clean footage at <= 0.36.
+    text_mark_max: float | None = 0.5
     watermark_max: float | None = 0.8
     aesthetic_min: float | None = 4.0
     caption_similarity_min: float | None = None

@@ -243,7 +243,8 @@ class OCRStage(ModelStage):
     """Burned-in text (PP-OCRv4 detection, the weights inside the rapidocr-onnxruntime wheel): never a stand-in."""
 
     name = "ocr"
-    outputs = ("text_area_max", "text_area_mean", "text_boxes", "text_persistent_area", "text_persistent_box")
+    outputs = ("text_area_max", "text_area_mean", "text_boxes", "text_persistent_area", "text_persistent_box",
+               "text_mark", "text_mark_confidence", "text_mark_box")
 
     def __init__(self, sources: ModelSources) -> None:
         super().__init__(sources)
@@ -262,10 +263,15 @@ class OCRStage(ModelStage):
             rec["text_boxes"] = st.boxes
             rec["text_persistent_area"] = st.persistent_area
             rec["text_persistent_box"] = None if st.persistent_box is None else list(st.persistent_box)
+            rec["text_mark"] = st.mark_text or None
+            rec["text_mark_confidence"] = st.mark_confidence
+            rec["text_mark_box"] = None if st.mark_box is None else list(st.mark_box)
             if pre.text_area_max is not None and st.area_max > pre.text_area_max:
                 rec["reject_reasons"].append("text")
             if pre.text_persistent_max is not None and st.persistent_area > pre.text_persistent_max:
                 rec["reject_reasons"].append("persistent_text")
+            if pre.text_mark_max is not None and st.mark_confidence > pre.text_mark_max:
+                rec["reject_reasons"].append("text_mark")
 
 
 STAGES: dict[str, type[ModelStage]] = {}

@@ -24,11 +24,25 @@ counts as persistent text when the glyph band over it in at least ``PERSIST_SHAR
 the mean's at ``MEAN_SAME_GLYPHS`` or more; the mean of changing subtitles at one place shows a blend of the lines,
 which correlates with each line far less (0.5-0.8 for 8 to 2 alternating lines on real footage, 0.96-1.0 for the
 logo dev set's marks; tuned on its tune part).
+
+A mark over content that does not change (a locked-off camera, a dark corner of a film) leaves neither persistent
+edges nor, often, a detection box: the detector needs contrast the mean frame does not have there. So the four
+corners of the clip's mean frame (``CORNER`` of the width and height each) are also *read*, with PP-OCRv4's
+recognition model from the same wheel (CTC over a 48 px high line, rapidocr's pre-processing), without a detection
+box. A read of at least ``MARK_MIN_CHARS`` characters, a letter among them, is a corner text mark, with the mean
+probability of its characters as confidence (:class:`CornerText`): channel bugs, fansub and copyright marks. Measured
+on the logo dev set (tests/pipeline/devset_logos.py, the OCR stage's mean frames): the marks read at 0.62-0.99 (the
+ring-and-"TV" bug over a static wall "OTV" 0.92-0.95, black "NEWS24" over a dark film corner 0.73), while such reads
+on clean footage stay at or under 0.36 (the built-in sample's synthetic textures; real footage in ../shared/media
+<= 0.25). Single characters reach 0.5 and digits alone 0.54 (a road marking read as "11"), which is why neither
+counts. Its box: the read's first to last character step across, and down the band of the corner that reads best,
+where the glyphs' fine detail is.
 """
 from __future__ import annotations
 
+import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
 
@@ -52,6 +66,12 @@ GRID = 512                 # text areas are measured on a mask of this longer si
 # rapidocr 1.4.4's config.yaml, Det section (the values its TextDetector is built with), except the unclip ratio.
 DB_THRESH, DB_BOX_THRESH, DB_UNCLIP, DB_MAX_CANDIDATES = 0.3, 0.5, 1.0, 1000
 MODEL_FILE = "ch_PP-OCRv4_det_infer.onnx"
+REC_MODEL_FILE = "ch_PP-OCRv4_rec_infer.onnx"
+REC_HEIGHT, REC_MIN_WIDTH = 48, 320   # rapidocr's rec_img_shape [3, 48, 320]: lines are padded to at least 320 px
+CORNER = (0.4, 0.25)       # each corner region read for a mark: this share of the frame's width and height
+MARK_MIN_CHARS = 2         # fewer characters read, or no letter among them, is no mark (see _mark_conf)
+BAND = 0.6                 # the mark's rows: the best-reading band of this share of the corner's height...
+BAND_OFFSETS = 5           # ...at this many offsets top to bottom
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,21 +88,37 @@ class TextStats:
     """(x0, y0, x1, y1) fractions: the bounding box of the persistent text; None when no text persists."""
     frames: int
     """Frames the detector saw."""
+    mark_text: str = ""
+    """Text read in a corner of the clip's mean frame (at least ``MARK_MIN_CHARS`` characters), else ''."""
+    mark_confidence: float = 0.0
+    """Mean character probability of ``mark_text``, in [0, 1]; 0 when nothing was read."""
+    mark_box: tuple[float, float, float, float] | None = None
+    """(x0, y0, x1, y1) fractions: where ``mark_text`` was read; None when nothing was."""
 
 
 NO_TEXT = TextStats(area_max=0.0, area_mean=0.0, boxes=0, persistent_area=0.0, persistent_box=None, frames=0)
 
 
-def default_model_path() -> Path:
-    """The PP-OCRv4 detection model shipped inside the installed rapidocr-onnxruntime wheel."""
+@dataclass(frozen=True, slots=True)
+class CornerText:
+    text: str
+    confidence: float
+    box: tuple[float, float, float, float] | None
+
+
+NO_MARK = CornerText("", 0.0, None)
+
+
+def default_model_path(name: str = MODEL_FILE) -> Path:
+    """A PP-OCRv4 model shipped inside the installed rapidocr-onnxruntime wheel (detection by default)."""
     try:
         import rapidocr_onnxruntime
     except ImportError as err:
         raise ModelLoadError(f"the OCR stage needs rapidocr-onnxruntime (pip install rapidocr-onnxruntime): "
                              f"{err}") from err
-    path = Path(rapidocr_onnxruntime.__file__).parent / "models" / MODEL_FILE
+    path = Path(rapidocr_onnxruntime.__file__).parent / "models" / name
     if not path.is_file():
-        raise ModelLoadError(f"expected the PP-OCRv4 detection model at {path}; the rapidocr-onnxruntime install "
+        raise ModelLoadError(f"expected the PP-OCRv4 model {name} at {path}; the rapidocr-onnxruntime install "
                              "lacks it")
     return path
 
@@ -178,11 +214,105 @@ def text_stats(boxes: list[np.ndarray], aspect: float, frames: np.ndarray | None
                      persistent_area=p_area, persistent_box=p_box, frames=k)
 
 
+class TextReader:
+    """PP-OCRv4 text recognition (CTC) on onnxruntime: reads one line of text from an image, no detection box.
+
+    Pre-processing as rapidocr's: BGR, 48 px high, scaled to [-1, 1], right-padded with zeros to at least 320 px.
+    The character list is the one stored in the model's metadata, with CTC's blank first and a space last.
+    """
+
+    def __init__(self, model_path: str | Path | None = None, *, session_options=None,
+                 providers: list[str] | None = None) -> None:
+        import onnxruntime as ort
+
+        path = Path(model_path) if model_path else default_model_path(REC_MODEL_FILE)
+        if not path.is_file():
+            raise ModelLoadError(f"expected a text recognition ONNX model at {path}, found no file")
+        self.session = ort.InferenceSession(str(path), sess_options=session_options,
+                                            providers=providers or ["CPUExecutionProvider"])
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "character" not in meta:
+            raise ModelLoadError(f"expected the recognition model's character list in its metadata ('character'), "
+                                 f"got keys {sorted(meta)}: {path}")
+        self.chars = ["", *meta["character"].splitlines(), " "]
+        self.input_name = self.session.get_inputs()[0].name
+        self.name = path.name
+
+    def read(self, crops: list[np.ndarray]) -> list[tuple[str, float, np.ndarray, float]]:
+        """Per (h, w, 3) uint8 RGB crop: ``(text, confidence, steps, px_per_step)``: the text, the mean probability
+        of its characters (0 for none), the CTC steps that emitted them and the crop pixels one step spans."""
+        sized = []
+        for crop in crops:
+            h, w = crop.shape[:2]
+            rw = max(1, math.ceil(REC_HEIGHT * w / h))
+            x = cv2.resize(np.ascontiguousarray(crop[:, :, ::-1]), (rw, REC_HEIGHT)).astype(np.float32)
+            sized.append((x.transpose(2, 0, 1) / 255.0 - 0.5) / 0.5)       # (3, 48, rw) in [-1, 1]
+        width = max(REC_MIN_WIDTH, *(x.shape[2] for x in sized))
+        batch = np.zeros((len(sized), 3, REC_HEIGHT, width), np.float32)
+        for i, x in enumerate(sized):
+            batch[i, :, :, :x.shape[2]] = x
+        probs = self.session.run(None, {self.input_name: batch})[0]          # (N, T, classes) softmax
+        out = []
+        for crop, x, p in zip(crops, sized, probs):
+            idx, prob = p.argmax(axis=1), p.max(axis=1)
+            emit = idx != 0
+            emit[1:] &= idx[1:] != idx[:-1]                                  # CTC: drop blanks and repeats
+            steps = np.flatnonzero(emit)
+            text = "".join(self.chars[i] for i in idx[steps])
+            conf = float(prob[steps].mean()) if len(steps) else 0.0
+            out.append((text, conf, steps, width / p.shape[0] * crop.shape[1] / x.shape[2]))
+        return out
+
+    def corner_mark(self, frame: np.ndarray) -> CornerText:
+        """The best read of at least ``MARK_MIN_CHARS`` characters among the four ``CORNER`` regions of an
+        (H, W, 3) uint8 RGB frame (the clip's mean), with its box; ``NO_MARK`` when no corner reads as text."""
+        h, w = frame.shape[:2]
+        cw, ch = max(8, round(w * CORNER[0])), max(8, round(h * CORNER[1]))
+        origins = [(0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch)]
+        reads = self.read([frame[y:y + ch, x:x + cw] for x, y in origins])
+        best = max(range(4), key=lambda i: _mark_conf(reads[i]))
+        if _mark_conf(reads[best]) == 0.0:
+            return NO_MARK
+        text, conf = reads[best][0].strip(), reads[best][1]
+        return CornerText(text, conf, self._locate(frame, *origins[best], cw, ch))
+
+    def _locate(self, frame: np.ndarray, x0: int, y0: int, cw: int, ch: int) -> tuple[float, float, float, float]:
+        """Box of the text read in the corner at (x0, y0): across, its first to last character step (half a
+        character wider each side: CTC emits near a glyph's middle); down, the glyphs' rows in the band of the
+        corner that reads best."""
+        h, w = frame.shape[:2]
+        corner = frame[y0:y0 + ch, x0:x0 + cw]
+        bh = max(4, round(BAND * ch))
+        offsets = sorted({int(o) for o in np.linspace(0, ch - bh, BAND_OFFSETS).round()})
+        reads = self.read([corner[o:o + bh] for o in offsets])
+        k = max(range(len(offsets)), key=lambda i: _mark_conf(reads[i]))
+        if _mark_conf(reads[k]) == 0.0:  # no band alone reads it: the whole corner, read across
+            k, reads, offsets, bh = 0, self.read([corner]), [0], ch
+        _, _, steps, step_px = reads[k]
+        char = (steps[-1] - steps[0]) / (len(steps) - 1) * step_px if len(steps) > 1 else 2 * step_px
+        xa, xb = max(0.0, steps[0] * step_px - char / 2), min(float(cw), (steps[-1] + 1) * step_px + char / 2)
+        band = cv2.cvtColor(corner[offsets[k]:offsets[k] + bh], cv2.COLOR_RGB2GRAY).astype(np.float32)
+        detail = np.abs(band - cv2.GaussianBlur(band, (0, 0), 1.5))[:, int(xa):max(int(xa) + 1, math.ceil(xb))]
+        profile = detail.mean(axis=1)
+        rows = np.flatnonzero(profile > profile.min() + 0.3 * (profile.max() - profile.min()))
+        ya, yb = (offsets[k] + rows[0], offsets[k] + rows[-1] + 1) if len(rows) else (offsets[k], offsets[k] + bh)
+        return (float(x0 + xa) / w, float(y0 + ya) / h, float(x0 + xb) / w, float(y0 + yb) / h)
+
+
+def _mark_conf(read: tuple[str, float, np.ndarray, float]) -> float:
+    """A read's confidence if it holds at least ``MARK_MIN_CHARS`` characters, a letter among them, else 0.
+
+    Digits alone are what straight lines read as (a road marking on a static camera: "11" at 0.54); a mark of
+    digits only (a timestamp OSD) ticks, and is persistent text instead."""
+    text = read[0].replace(" ", "")
+    return read[1] if len(text) >= MARK_MIN_CHARS and any(c.isalpha() for c in text) else 0.0
+
+
 class TextDetector:
     """PP-OCRv4 text detection on onnxruntime; ``boxes`` gives each frame's text boxes as frame fractions."""
 
     def __init__(self, model_path: str | Path | None = None, *, device: str = "cpu", threads: int | None = None,
-                 max_side: int = MAX_SIDE) -> None:
+                 max_side: int = MAX_SIDE, rec_model_path: str | Path | None = None) -> None:
         import onnxruntime as ort
         from rapidocr_onnxruntime.ch_ppocr_det.utils import DBPostProcess
 
@@ -204,6 +334,7 @@ class TextDetector:
                 providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         self.input_name = self.session.get_inputs()[0].name
+        self.reader = TextReader(rec_model_path, session_options=opts, providers=providers)
         self.post = DBPostProcess(thresh=DB_THRESH, box_thresh=DB_BOX_THRESH, max_candidates=DB_MAX_CANDIDATES,
                                   unclip_ratio=DB_UNCLIP, use_dilation=True, score_mode="fast")
         self.max_side = max_side
@@ -212,7 +343,8 @@ class TextDetector:
             version = metadata.version("rapidocr-onnxruntime")
         except metadata.PackageNotFoundError:
             version = "?"
-        self.model_id = f"PP-OCRv4-det:{path.name} (rapidocr-onnxruntime {version}, {self.provider})"
+        self.model_id = (f"PP-OCRv4-det:{path.name}+rec:{self.reader.name} (rapidocr-onnxruntime {version}, "
+                         f"{self.provider})")
 
     def _input(self, frames: np.ndarray) -> np.ndarray:
         """(N, H, W, 3) uint8 RGB -> (N, 3, h, w) float32 in [-1, 1], BGR as PaddleOCR reads images, sides % 32 == 0."""
@@ -246,7 +378,7 @@ class TextDetector:
 
         The clip's mean frame (see the module doc) is taken over ``mean_of`` (more frames of the same clip, same
         size: a mean of more frames averages moving content out better), else over ``frames``; one more detector
-        frame per clip."""
+        frame per clip, and the four corners of the mean frame read for a text mark (:meth:`TextReader.corner_mark`)."""
         frames = check_frames(frames, what="text_regions frames")
         source = frames if mean_of is None else check_frames(mean_of, what="text_regions mean_of frames")
         if source.shape[1:] != frames.shape[1:]:
@@ -254,10 +386,13 @@ class TextDetector:
                              f"got {source.shape[1:]}")
         boxes = self.boxes(frames)
         mean_frame = mean_boxes = None
+        mark = NO_MARK
         if len(frames) >= MIN_PERSIST_FRAMES:
             mean_frame = np.round(source.mean(axis=0, dtype=np.float32)).astype(np.uint8)
             mean_boxes = self.boxes(mean_frame[None])[0]
-        return text_stats(boxes, frames.shape[2] / frames.shape[1], frames, mean_boxes, mean_frame)
+            mark = self.reader.corner_mark(mean_frame)
+        stats = text_stats(boxes, frames.shape[2] / frames.shape[1], frames, mean_boxes, mean_frame)
+        return replace(stats, mark_text=mark.text, mark_confidence=mark.confidence, mark_box=mark.box)
 
 
 _DEFAULT: TextDetector | None = None

@@ -93,6 +93,45 @@ def test_timestamp_osd_persists_in_place_and_is_boxed(media_dir, detector) -> No
     assert st.persistent_box is not None and iou(st.persistent_box, truth[0]) >= 0.5, (st, truth[0])
 
 
+def translucent_mark(frames: np.ndarray, text: str, corner: str, size: int, alpha: float,
+                     colour=(255, 255, 255)) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """``text`` drawn ``alpha`` opaque in ``corner`` ('top-left', ... 8 px in) of every frame, as a channel bug or
+    fansub mark is; returns the frames and the glyphs' box as fractions of the frame."""
+    h, w = frames.shape[1:3]
+    mask = Image.new("L", (w, h), 0)
+    d = ImageDraw.Draw(mask)
+    x0, y0, x1, y1 = d.textbbox((0, 0), text, font=font(size))
+    x = 8 - x0 if corner.endswith("left") else w - 8 - x1
+    y = 8 - y0 if corner.startswith("top") else h - 8 - y1
+    d.text((x, y), text, font=font(size), fill=255)
+    a = np.asarray(mask, np.float32)[None, :, :, None] / 255.0 * alpha
+    out = np.round(frames * (1 - a) + np.asarray(colour, np.float32) * a).astype(np.uint8)
+    return out, ((x + x0) / w, (y + y0) / h, (x + x1) / w, (y + y1) / h)
+
+
+@pytest.mark.media
+@pytest.mark.parametrize(("name", "text", "corner", "alpha", "colour"), [
+    ("bottle-detection.mp4", "TV5 HD", "top-right", 0.4, (255, 255, 255)),   # a locked-off camera: nothing moves
+    ("friday.mp4", "ANIME-SUB", "bottom-left", 0.45, (255, 255, 255)),        # a film, its corner dark
+    ("car-detection.mp4", "(c) 2026", "bottom-right", 0.35, (0, 0, 0)),      # a black copyright line
+])
+def test_text_mark_over_content_that_does_not_change_is_read_in_its_corner(media_dir, detector, name, text, corner,
+                                                                           alpha, colour) -> None:
+    """The blind spot of persistence: a mark over a static background gives the static-overlay scorer nothing, and
+    the detector often no box, but the recognition model reads it in the clip's mean frame, and boxes it."""
+    from pipeline.scoring.overlay import static_overlay
+
+    clean = one_fps(media_dir, name, n=6)
+    frames, truth = translucent_mark(clean, text, corner, 14, alpha, colour)
+    pre = PrefilterConfig()
+    st = detector.text_regions(frames)
+    assert st.mark_confidence > pre.text_mark_max, st
+    assert iou(st.mark_box, truth) >= 0.4, (st.mark_box, truth)
+    assert detector.text_regions(clean).mark_confidence <= pre.text_mark_max
+    print(f"{name}: overlay {static_overlay(frames).score:.2f}, read {st.mark_text!r} {st.mark_confidence:.2f}, "
+          f"box IoU {iou(st.mark_box, truth):.2f}")
+
+
 @pytest.mark.media
 @pytest.mark.parametrize("name", ["car-detection.mp4", "flower.webm", "stream-of-water.webm",
                                   "bbb_480p_vp9_opus_1second.webm", "friday.mp4"])
@@ -101,6 +140,7 @@ def test_clean_real_footage_has_about_no_text(media_dir, detector, name: str) ->
     frames = devset.source(media_dir, name, 0, 30 * n)[::6]
     st = detector.text_regions(frames)
     assert st.area_max < 0.005 and st.persistent_area == 0.0, st
+    assert st.mark_confidence <= PrefilterConfig().text_mark_max, st
 
 
 def test_built_in_sample_has_no_text(sample_dir, sample_truth, detector) -> None:
@@ -117,6 +157,7 @@ def test_built_in_sample_has_no_text(sample_dir, sample_truth, detector) -> None
         assert st.area_max == 0.0, (item.file, st)
         if item.logo_box is None:
             assert st.persistent_box is None, (item.file, st)
+            assert st.mark_confidence <= PrefilterConfig().text_mark_max, (item.file, st)
         elif st.persistent_box is not None:
             (x0, y0, x1, y1), (lx0, ly0, lx1, ly1) = st.persistent_box, item.logo_box
             assert lx0 <= x0 < x1 <= lx1 and ly0 <= y0 < y1 <= ly1, (item.file, st, item.logo_box)
@@ -137,7 +178,7 @@ def test_ocr_stage_runs_in_the_sample_curation(sample_curation) -> None:
     for clip_id, area, persistent, model, reasons in rows:
         assert area == 0.0 and persistent == 0.0, (clip_id, area, persistent)
         assert model.startswith("PP-OCRv4-det"), model
-        assert not {"text", "persistent_text"} & set(reasons), reasons
+        assert not {"text", "persistent_text", "text_mark"} & set(reasons), reasons
     assert kept > 0
 
 
@@ -171,6 +212,7 @@ def test_ocr_stage_records_columns_and_reasons(media_dir) -> None:
                                   device="cpu", prefilter=PrefilterConfig()))
     out = [json.loads(r) for r in stage(batch)["record"]]
     assert out[0]["reject_reasons"] == [] and out[0]["text_area_max"] < 0.005, out[0]
+    assert out[0]["text_mark_confidence"] <= PrefilterConfig().text_mark_max and "text_mark_box" in out[0], out[0]
     assert "text" in out[1]["reject_reasons"] and out[1]["text_boxes"] >= 1, out[1]
     assert out[0]["models"]["ocr"].startswith("PP-OCRv4-det") and out[0]["stage_versions"]["ocr"]
     assert "text_area_max" not in out[2]

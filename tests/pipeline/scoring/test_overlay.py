@@ -219,35 +219,44 @@ def _ocr_frames(frames: np.ndarray, fps: float = 4.0) -> tuple[np.ndarray, np.nd
 @pytest.mark.media
 def test_whole_dev_set_with_the_ocr_stage(logo_devset) -> None:
     """All clips, single shots included, judged as a curation run judges them: dropped when the overlay evidence is
-    over ``overlay_max`` *or* the OCR stage's persistent text covers more than ``text_persistent_max`` (the real
-    PP-OCRv4 weights, per frame and on the clip's mean frame; every mark kind here carries letters). The ranking
-    score is the overlay score or the persistent text area scaled so that its cut-off lands on 0.5, whichever is
-    higher. Measured: tune AUC 1.00, marked dropped 19/20, clean 0/20 (overlay alone: 0.99, 16/20; with per-frame OCR
-    only: 0.99, 18/20); check AUC 0.80, marked dropped 15/20, clean 0/20 (overlay alone 0.75, 14/20) — short of the
-    issue's 0.95 / 90 % on check: the single-shot film, handheld and static-bottle marks (thin, 26-41 % opaque, mostly
-    over content that does not change) give neither persistent-edge evidence nor a text box."""
+    over ``overlay_max``, *or* the OCR stage's persistent text covers more than ``text_persistent_max``, *or* its
+    corner read of the mean frame is more confident than ``text_mark_max`` (the real PP-OCRv4 detection and
+    recognition weights; every mark kind here carries letters). The ranking score is the highest of the overlay
+    score and the two OCR figures scaled so that their cut-offs land on 0.5. The box a dropped clip gets is the one
+    of the evidence that dropped it, in that order.
+
+    Measured: tune AUC 1.000, marked dropped 20/20, clean 0/20, boxes IoU >= 0.5 on 18/20; check AUC 0.955, marked
+    dropped 19/20, clean 0/20, boxes on 17/19. Without the corner read: tune 1.00, 19/20; check 0.80, 15/20 (the
+    single-shot film text and the three static-bottle pieces, over content that does not change, are what the read
+    adds). The one mark still missed: a 31 % "HD+" frame over ground a handheld camera barely moves, which nothing
+    reads."""
     pytest.importorskip("rapidocr_onnxruntime")
     from pipeline.models.ocr import TextDetector
 
     split, scored = logo_devset
     pre = PrefilterConfig()
     detector = TextDetector(threads=1)
-    pos, neg, dropped = [], [], {True: [], False: []}
+    pos, neg, dropped, ious = [], [], {True: [], False: []}, []
     for v, best, _, _ in scored:
         for shot, b in zip(v.shots, best):
             sampled, model_frames = _ocr_frames(dl.analysis_frames(shot))
-            area = detector.text_regions(sampled, mean_of=model_frames).persistent_area
-            score = max(b.score, min(1.0, 0.5 * area / pre.text_persistent_max))
+            st = detector.text_regions(sampled, mean_of=model_frames)
+            score = max(b.score, min(1.0, 0.5 * st.persistent_area / pre.text_persistent_max),
+                        min(1.0, 0.5 * st.mark_confidence / pre.text_mark_max))
             (pos if v.box else neg).append(score)
-            dropped[v.box is not None].append(b.score > pre.overlay_max or area > pre.text_persistent_max)
+            by = [(b.score > pre.overlay_max, b.box), (st.persistent_area > pre.text_persistent_max, st.persistent_box),
+                  (st.mark_confidence > pre.text_mark_max, st.mark_box)]
+            dropped[v.box is not None].append(any(hit for hit, _ in by))
+            if v.box and any(hit for hit, _ in by):
+                box = next(bx for hit, bx in by if hit)
+                ious.append(dl.iou(box, v.box) if box else 0.0)
     auc = dl.roc_auc(pos, neg)
     print(f"{split}: all clips with OCR AUC {auc:.3f}, marked dropped {sum(dropped[True])}/{len(dropped[True])}, "
-          f"clean dropped {sum(dropped[False])}/{len(dropped[False])}")
+          f"clean dropped {sum(dropped[False])}/{len(dropped[False])}, boxes IoU >= 0.5 "
+          f"{sum(i >= 0.5 for i in ious)}/{len(ious)}")
     assert not any(dropped[False])
-    if split == "tune":  # what the thresholds were tuned on meets the issue's targets
-        assert auc >= 0.95 and np.mean(dropped[True]) >= 0.9
-    else:  # the check part does not (see above): this guards what it reaches
-        assert auc >= 0.75 and np.mean(dropped[True]) >= 0.7
+    assert auc >= 0.95 and np.mean(dropped[True]) >= 0.9
+    assert np.mean(np.array(ious) >= 0.5) >= 0.85
 
 
 def _clip_maps(rng: np.random.Generator, scene: np.ndarray | None, h: int = 54, w: int = 96) -> ClipMaps:
