@@ -211,6 +211,7 @@ def media_run(tmp_path: Path, rows) -> dict:
                 clip |= {"text_persistent_box": [0.55, 0.1, 0.95, 0.3], "text_area_max": 0.015}
             if name == "cyan.mp4":
                 clip["overlay_box"] = [0.05, 0.05, 0.25, 0.2]
+                clip |= {"text_mark": "TV5", "text_mark_confidence": 0.8, "text_mark_box": [0.7, 0.8, 0.95, 0.95]}
             if name != "gone.mp4":
                 clip["preview_jpeg"] = _preview_of(src / name, info, start, end)
             clips.append(clip)
@@ -250,6 +251,7 @@ def test_report_content(media_run: dict, tmp_path: Path) -> None:
     lefts = [float(x) for x in re.findall(r'class="box box-text"[^>]*left: ([\d.]+)%', page)]
     assert lefts == pytest.approx([100 * (f * 231 + 0.55 * 228) / 690 for f in range(3)], abs=0.2)
     assert page.count('class="box box-overlay"') == 3
+    assert page.count('class="box box-mark"') == 3  # the corner text read, on the same clip's frames
     assert "text area 0.015" in page
 
 
