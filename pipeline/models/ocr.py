@@ -267,7 +267,7 @@ class TextReader:
         """The best read of at least ``MARK_MIN_CHARS`` characters among the four ``CORNER`` regions of an
         (H, W, 3) uint8 RGB frame (the clip's mean), with its box; ``NO_MARK`` when no corner reads as text."""
         h, w = frame.shape[:2]
-        cw, ch = max(8, round(w * CORNER[0])), max(8, round(h * CORNER[1]))
+        cw, ch = min(w, max(8, round(w * CORNER[0]))), min(h, max(8, round(h * CORNER[1])))
         origins = [(0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch)]
         reads = self.read([frame[y:y + ch, x:x + cw] for x, y in origins])
         best = max(range(4), key=lambda i: _mark_conf(reads[i]))
