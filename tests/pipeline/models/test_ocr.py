@@ -236,3 +236,15 @@ def test_text_found_on_the_mean_frame_persists_only_where_the_frames_show_the_sa
         assert (st.persistent_box is not None) == persists, (persists, st)
         assert st.area_max == 0.0
     assert text_stats(no_boxes, 160 / 90, fixed).persistent_box is None  # no mean frame, no mean evidence
+
+
+def test_a_corner_read_is_a_mark_only_with_two_characters_and_a_letter() -> None:
+    """What straight lines and texture read as does not count: single characters (clean footage reaches 0.5) and
+    digits alone (a road marking on a static camera read as "11" at 0.54)."""
+    from pipeline.models.ocr import _mark_conf
+
+    steps = np.array([3, 7, 11])
+    assert _mark_conf(("11", 0.9, steps, 4.0)) == 0.0
+    assert _mark_conf(("T ", 0.9, steps, 4.0)) == 0.0
+    assert _mark_conf(("TV", 0.7, steps, 4.0)) == 0.7
+    assert _mark_conf(("(c) 2026", 0.6, steps, 4.0)) == 0.6
