@@ -153,8 +153,8 @@ THRESHOLD_RULES: tuple[ThresholdRule, ...] = (
     ),
     ThresholdRule(
         "text_mark_max", "text_mark_confidence", "<=", 0.5,
-        "highest clips.text_mark_confidence kept: text of 2+ characters read in a corner of the clip's mean frame "
-        "(marks 0.6-1, also over static content; clean footage <= 0.36); NULL (no OCR stage) passes",
+        "highest clips.text_mark_confidence kept: text of 2+ characters, a letter among them, read in a corner of the "
+        "clip's mean frame (marks 0.6-1, also over static content; clean footage <= 0.36); NULL (no OCR stage) passes",
         null_passes=True,
     ),
     ThresholdRule(

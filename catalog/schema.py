@@ -94,8 +94,9 @@ CLIPS = pa.schema([
     _f("text_persistent_box", pa.list_(pa.float32()), "[x0, y0, x1, y1] fractions: bounding box of the persistent "
        "text; null when no text persists"),
     _f("text_mark", pa.string(), "text read (PP-OCRv4 recognition, no detection box) in a corner of the clip's mean "
-       "frame, at least 2 characters: a channel bug, fansub or copyright mark, an OSD, also over content that does "
-       "not change; null when no corner reads as text"),
+       "frame, at least 2 characters with a letter among them: a channel bug, fansub or copyright mark, also over "
+       "content that does not change (digits alone, as a ticking timestamp, are text_persistent_area's); null when "
+       "no corner reads as such"),
     _f("text_mark_confidence", pa.float32(), "mean character probability of text_mark (0 when nothing was read): "
        "marks 0.6-1, clean footage <= 0.36"),
     _f("text_mark_box", pa.list_(pa.float32()), "[x0, y0, x1, y1] fractions: where text_mark was read; null when "

@@ -49,7 +49,8 @@ class PrefilterConfig:
     # captions, title cards), and share covered by text that stays in place across the clip (watermark, OSD)
     text_area_max: float | None = 0.02
     text_persistent_max: float | None = 0.003
-    # ...and the confidence of text read in a corner of the clip's mean frame (PP-OCRv4 recognition, 2+ characters):
+    # ...and the confidence of text read in a corner of the clip's mean frame (PP-OCRv4 recognition, 2+ characters
+    # with a letter):
     # marks over static content read at 0.62-0.98 on the logo dev set, clean footage at <= 0.36.
     text_mark_max: float | None = 0.5
     watermark_max: float | None = 0.8

@@ -264,8 +264,9 @@ class TextReader:
         return out
 
     def corner_mark(self, frame: np.ndarray) -> CornerText:
-        """The best read of at least ``MARK_MIN_CHARS`` characters among the four ``CORNER`` regions of an
-        (H, W, 3) uint8 RGB frame (the clip's mean), with its box; ``NO_MARK`` when no corner reads as text."""
+        """The best read of at least ``MARK_MIN_CHARS`` characters, a letter among them, among the four ``CORNER``
+        regions of an (H, W, 3) uint8 RGB frame (the clip's mean), with its box; ``NO_MARK`` when no corner reads
+        as a mark."""
         h, w = frame.shape[:2]
         cw, ch = min(w, max(8, round(w * CORNER[0]))), min(h, max(8, round(h * CORNER[1])))
         origins = [(0, 0), (w - cw, 0), (0, h - ch), (w - cw, h - ch)]
@@ -274,12 +275,13 @@ class TextReader:
         if _mark_conf(reads[best]) == 0.0:
             return NO_MARK
         text, conf = reads[best][0].strip(), reads[best][1]
-        return CornerText(text, conf, self._locate(frame, *origins[best], cw, ch))
+        return CornerText(text, conf, self._locate(frame, *origins[best], cw, ch, reads[best]))
 
-    def _locate(self, frame: np.ndarray, x0: int, y0: int, cw: int, ch: int) -> tuple[float, float, float, float]:
+    def _locate(self, frame: np.ndarray, x0: int, y0: int, cw: int, ch: int,
+                whole: tuple[str, float, np.ndarray, float]) -> tuple[float, float, float, float]:
         """Box of the text read in the corner at (x0, y0): across, its first to last character step (half a
         character wider each side: CTC emits near a glyph's middle); down, the glyphs' rows in the band of the
-        corner that reads best."""
+        corner that reads best (``whole``, the corner's own read, when no band alone reads as a mark)."""
         h, w = frame.shape[:2]
         corner = frame[y0:y0 + ch, x0:x0 + cw]
         bh = max(4, round(BAND * ch))
@@ -287,7 +289,7 @@ class TextReader:
         reads = self.read([corner[o:o + bh] for o in offsets])
         k = max(range(len(offsets)), key=lambda i: _mark_conf(reads[i]))
         if _mark_conf(reads[k]) == 0.0:  # no band alone reads it: the whole corner, read across
-            k, reads, offsets, bh = 0, self.read([corner]), [0], ch
+            k, reads, offsets, bh = 0, [whole], [0], ch
         _, _, steps, step_px = reads[k]
         char = (steps[-1] - steps[0]) / (len(steps) - 1) * step_px if len(steps) > 1 else 2 * step_px
         xa, xb = max(0.0, steps[0] * step_px - char / 2), min(float(cw), (steps[-1] + 1) * step_px + char / 2)

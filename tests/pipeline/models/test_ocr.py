@@ -124,11 +124,13 @@ def test_text_mark_over_content_that_does_not_change_is_read_in_its_corner(media
     clean = one_fps(media_dir, name, n=6)
     frames, truth = translucent_mark(clean, text, corner, 14, alpha, colour)
     pre = PrefilterConfig()
+    overlay = static_overlay(frames).score
+    assert overlay <= pre.overlay_max  # the case persistence cannot decide (measured 0.09, 0.27, 0.23)
     st = detector.text_regions(frames)
     assert st.mark_confidence > pre.text_mark_max, st
     assert iou(st.mark_box, truth) >= 0.4, (st.mark_box, truth)
     assert detector.text_regions(clean).mark_confidence <= pre.text_mark_max
-    print(f"{name}: overlay {static_overlay(frames).score:.2f}, read {st.mark_text!r} {st.mark_confidence:.2f}, "
+    print(f"{name}: overlay {overlay:.2f}, read {st.mark_text!r} {st.mark_confidence:.2f}, "
           f"box IoU {iou(st.mark_box, truth):.2f}")
 
 
