@@ -22,6 +22,7 @@ import numpy as np
 
 from pipeline import media
 from pipeline.scenecut import CutDetector, SceneCutConfig, clip_spans
+from pipeline.scoring._frames import luma
 from pipeline.scoring.motion import motion
 from pipeline.scoring.overlay import ClipMaps, Overlay, VideoOverlay, best_evidence, clip_overlay
 from pipeline.scoring.sharpness import sharpness
@@ -227,6 +228,10 @@ def _iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
     # A scene is final once the cut after it is reported, so its clips are scored in a worker thread while
     # the decode goes on (OpenCV and NumPy release the GIL); only the open scene's frames stay in memory.
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score")
+    # Once the decode has ended, the clips still to score are all that runs: each one's motion goes to this second
+    # thread while the first does the other scores, so the wait after the last frame is about half a clip's scoring.
+    tail = ThreadPoolExecutor(max_workers=1, thread_name_prefix="score-tail")
+    tail_helper: ThreadPoolExecutor | None = None
     futures: deque[Future] = deque()
     buf: list[tuple[int, np.ndarray]] = []
     scene_start = 0
@@ -240,7 +245,7 @@ def _iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
         buf = [(i, f) for i, f in buf if i >= end]
         for s, e in spans:
             futures.append(pool.submit(_guarded_clip, _score_span, info, video_id, s, e, fps, scene, decode,
-                                       prefilter))
+                                       prefilter, tail_helper))
 
     def close_scene(end: int) -> None:
         nonlocal scene_start, continued
@@ -302,6 +307,7 @@ def _iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
                 split_piece()
             yield from finished()
         cuts = detector.finish()
+        tail_helper = tail
         for b in detector.boundaries_so_far[reported:]:  # the ones the end-of-stream flush released
             boundary(*b)
         close_scene(last + 1)
@@ -313,6 +319,7 @@ def _iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
         return
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+        tail.shutdown(wait=True, cancel_futures=True)
     yield _video_result(uri, info, probe_s, media.analysis_decoder(info) if decode.backend != "decord" else "decord",
                         n_decoded, cuts, detector.name, n_clips, damage, scenes=_scene_fields(
                             detector, info, scenecut, n_clips, damage))
@@ -335,14 +342,15 @@ def _guarded_clip(score, info, video_id, start, end, fps, *args) -> ClipResult:
         return ClipResult(rec, None, None, None)
 
 
-def _score_span(info, video_id, start, end, fps, scene, decode: DecodeConfig, prefilter: PrefilterConfig) -> ClipResult:
+def _score_span(info, video_id, start, end, fps, scene, decode: DecodeConfig, prefilter: PrefilterConfig,
+                helper: ThreadPoolExecutor | None = None) -> ClipResult:
     index = np.asarray([i for i, _ in scene])
     sel = [k for k, i in enumerate(index) if start <= i < end]
     if not sel:  # a span narrower than the analysis step: the nearest kept frame stands for it
         sel = [int(np.argmin(np.abs(index - (start + end) / 2)))]
     frames = np.stack([scene[k][1] for k in sel])   # (K, h, w, 3) uint8
     times = (index[sel] - start) / fps
-    return _score_clip(info, video_id, start, end, fps, frames, times, decode, prefilter)
+    return _score_clip(info, video_id, start, end, fps, frames, times, decode, prefilter, helper)
 
 
 def _scene_fields(detector: CutDetector, info, scenecut: SceneCutConfig, n_clips: int, damage) -> dict[str, Any]:
@@ -381,14 +389,20 @@ def _video_result(uri, info, probe_s, decoder, n_decoded, cuts, detector_name, n
     return VideoResult(uri=uri, video=row, damaged_frames=damaged)
 
 
-def _score_clip(info, video_id, start, end, fps, frames, times, decode: DecodeConfig, prefilter: PrefilterConfig) -> ClipResult:
-    sharp = sharpness(frames)
+def _score_clip(info, video_id, start, end, fps, frames, times, decode: DecodeConfig, prefilter: PrefilterConfig,
+                helper: ThreadPoolExecutor | None = None) -> ClipResult:
+    """Score one clip's (K, h, w, 3) frames; with ``helper``, its motion runs there alongside the other scores."""
+    gray = luma(frames)  # (K, h, w): every scorer works on luma
+    moving = None
+    if not info.is_image:
+        msel = _every(times, decode.motion_fps)
+        moving = helper.submit(motion, frames[msel], times[msel], luma=gray[msel]) if helper is not None else None
+    sharp = sharpness(frames, luma=gray)
     if info.is_image:
         mot = ovl = maps = None
     else:
-        msel = _every(times, decode.motion_fps)
-        mot = motion(frames[msel], times[msel])
-        ovl, maps = clip_overlay(frames)
+        ovl, maps = clip_overlay(frames, luma=gray)
+        mot = moving.result() if moving is not None else motion(frames[msel], times[msel], luma=gray[msel])
     rec: dict[str, Any] = {
         "clip_id": clip_id(video_id, start, end),
         "video_id": video_id,

@@ -131,7 +131,45 @@ class _ExactScore:
 
 
 class _Adaptive(_ExactScore, AdaptiveDetector):
-    pass
+    """AdaptiveDetector with :meth:`process`: its ``process_frame`` on frame numbers instead of timecodes.
+
+    The stock method wraps every frame in ``FrameTimecode`` objects, whose arithmetic (a subtraction and a
+    comparison per frame, each checking frame rates) is most of the detector's Python time, and it runs the
+    content detector's flash filter, whose answer the adaptive detector throws away. ``process`` does the same
+    steps on ints and floats in the same order, so scores, ratios and cuts are the same (tested against the stock
+    detector frame by frame); with a stats manager it falls back to the stock method, which records metrics.
+    """
+
+    def __init__(self, *args, fps: float = 30.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._fps = fps
+        self._scores: list[tuple[int, float]] = []
+        self._last_index_cut: int | None = None
+
+    def process(self, index: int, frame_img: np.ndarray) -> list[int]:
+        if self.stats_manager is not None:
+            return [tc.frame_num for tc in self.process_frame(FrameTimecode(index, self._fps), frame_img)]
+        score = self._calculate_frame_score(None, frame_img)
+        if self._last_index_cut is None:
+            self._last_index_cut = index
+        w = self.window_width
+        buf = self._scores
+        buf.append((index, score))
+        if len(buf) < 1 + 2 * w:
+            return []
+        del buf[:-(1 + 2 * w)]
+        target, target_score = buf[w]
+        average = sum(s for i, (_, s) in enumerate(buf) if i != w) / (2.0 * w)
+        ratio = 0.0
+        if abs(average) >= 0.00001:
+            ratio = min(target_score / average, 255.0)
+        elif target_score >= self.min_content_val:
+            ratio = 255.0
+        if ratio >= self.adaptive_threshold and target_score >= self.min_content_val \
+                and target - self._last_index_cut >= self.min_scene_len:
+            self._last_index_cut = target
+            return [target]
+        return []
 
 
 class _Content(_ExactScore, ContentDetector):
@@ -236,7 +274,7 @@ class CutDetector:
         cfg = self.cfg
         if cfg.detector == "adaptive":
             self._detector = _Adaptive(adaptive_threshold=cfg.adaptive_threshold, min_scene_len=self._min_len,
-                                              min_content_val=cfg.min_content_val, luma_only=self._luma_only)
+                                       min_content_val=cfg.min_content_val, luma_only=self._luma_only, fps=self.fps)
         else:
             self._detector = _Content(threshold=cfg.content_threshold, min_scene_len=self._min_len,
                                              luma_only=self._luma_only)
@@ -273,9 +311,13 @@ class CutDetector:
         return cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2BGR)
 
     def _feed(self, index: int, bgr: np.ndarray) -> None:
-        for tc in self._detector.process_frame(FrameTimecode(index, self.fps), bgr):
-            if tc.frame_num >= self._ignore_before:  # a switched detector's warm-up frames are no new scene
-                self._cuts.append(tc.frame_num)
+        if isinstance(self._detector, _Adaptive):
+            cuts = self._detector.process(index, bgr)
+        else:
+            cuts = [tc.frame_num for tc in self._detector.process_frame(FrameTimecode(index, self.fps), bgr)]
+        for c in cuts:
+            if c >= self._ignore_before:  # a switched detector's warm-up frames are no new scene
+                self._cuts.append(c)
         if index >= self._ignore_before:
             self._fed += 1
             self._fed_luma += self._luma_only

@@ -41,6 +41,20 @@ def shrink(img: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(img, size, interpolation=cv2.INTER_LINEAR)  # the remaining ratio is < 2
 
 
-def gray_at(frame_rgb: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Luma of one RGB frame resized to ``size`` (w, h)."""
-    return shrink(cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2GRAY), size)
+def luma(frames: np.ndarray) -> np.ndarray:
+    """(N, H, W) uint8 luma of (N, H, W, 3) uint8 RGB frames, in one conversion for the whole stack.
+
+    The scorers all work on luma: a caller that scores the same frames several ways converts them once here and
+    hands each scorer ``luma=``. The conversion is per pixel, so the stack's is each frame's, exactly."""
+    n, h, w = frames.shape[:3]
+    return cv2.cvtColor(np.ascontiguousarray(frames).reshape(n * h, w, 3), cv2.COLOR_RGB2GRAY).reshape(n, h, w)
+
+
+def check_luma(luma_: np.ndarray | None, frames: np.ndarray, who: str) -> np.ndarray:
+    """``luma_`` of ``frames`` as a caller handed it (its shape checked), or computed when None."""
+    if luma_ is None:
+        return luma(frames)
+    if luma_.shape != frames.shape[:3] or luma_.dtype != np.uint8:
+        raise ValueError(f"{who}: expected luma of shape {frames.shape[:3]} uint8 (one per frame), "
+                         f"got {luma_.shape} {luma_.dtype}")
+    return luma_

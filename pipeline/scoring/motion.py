@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.scoring._frames import check_frames, gray_at, working_size
+from pipeline.scoring._frames import check_frames, check_luma, shrink, working_size
 
 REF_SIDE = 256
 # "Static" means frozen: no pixel change beyond codec noise, measured at the analysis size (no downscale averages
@@ -70,8 +70,10 @@ def _residual(prev: np.ndarray, cur: np.ndarray, flow: np.ndarray, grid: np.ndar
     return float(cv2.absdiff(prev, warped)[valid].mean())
 
 
-def motion(frames: np.ndarray, times_s: np.ndarray) -> Motion:
-    """Flow speed between consecutive (N, H, W, 3) uint8 RGB frames taken at ``times_s`` (seconds, increasing)."""
+def motion(frames: np.ndarray, times_s: np.ndarray, *, luma: np.ndarray | None = None) -> Motion:
+    """Flow speed between consecutive (N, H, W, 3) uint8 RGB frames taken at ``times_s`` (seconds, increasing).
+
+    ``luma``: the frames' (N, H, W) luma (``_frames.luma``) when the caller has it already."""
     frames = check_frames(frames, "motion")
     times_s = np.asarray(times_s, dtype=np.float64)
     if times_s.shape != (len(frames),):
@@ -83,7 +85,7 @@ def motion(frames: np.ndarray, times_s: np.ndarray) -> Motion:
         raise ValueError(f"motion: expected finite, strictly increasing times, got {times_s.tolist()}")
     if len(frames) == 1:
         return Motion(mean=0.0, max=0.0, change=0.0)
-    lumas = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
+    lumas = check_luma(luma, frames, "motion")
     change = float(np.median([cv2.countNonZero(cv2.threshold(cv2.absdiff(a, b), CHANGE_LEVEL, 1, cv2.THRESH_BINARY)[1])
                               / a.size for a, b in zip(lumas, lumas[1:])]))
 
@@ -94,10 +96,10 @@ def motion(frames: np.ndarray, times_s: np.ndarray) -> Motion:
     init = np.zeros((size[1], size[0], 2), np.float32)  # (h, w, 2) starting flow
     gx, gy = np.meshgrid(np.arange(size[0], dtype=np.float32), np.arange(size[1], dtype=np.float32))
     grid = np.dstack([gx, gy])                          # (h, w, 2) pixel coordinates for remap
-    prev = gray_at(frames[0], size)
+    prev = shrink(lumas[0], size)
     speeds = []
-    for frame, dt in zip(frames[1:], dts):
-        cur = gray_at(frame, size)
+    for gray, dt in zip(lumas[1:], dts):
+        cur = shrink(gray, size)
         flow = cv2.calcOpticalFlowFarneback(prev, cur, None, flags=0, **_FARNEBACK)  # (h, w, 2) px
         # The peak's height is no guide (a true 50 px pan can score ~0): _explains checks the shift instead.
         (dx, dy), _ = cv2.phaseCorrelate(prev.astype(np.float32), cur.astype(np.float32), window)

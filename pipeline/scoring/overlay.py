@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.scoring._frames import check_frames, gray_at, working_size
+from pipeline.scoring._frames import check_frames, check_luma, shrink, working_size
 
 WORK_SIDE = 192
 MAX_FRAMES = 12
@@ -142,15 +142,19 @@ def static_overlay(frames: np.ndarray) -> Overlay:
     return clip_overlay(frames)[0]
 
 
-def clip_overlay(frames: np.ndarray) -> tuple[Overlay, ClipMaps | None]:
-    """:func:`static_overlay`, and the clip's maps for :class:`VideoOverlay` (None with under 3 frames)."""
+def clip_overlay(frames: np.ndarray, *, luma: np.ndarray | None = None) -> tuple[Overlay, ClipMaps | None]:
+    """:func:`static_overlay`, and the clip's maps for :class:`VideoOverlay` (None with under 3 frames).
+
+    ``luma``: the frames' (N, H, W) luma (``_frames.luma``) when the caller has it already."""
     frames = check_frames(frames, "static_overlay")
     if len(frames) < MIN_FRAMES:
         return NONE, None
     h0, w0 = frames.shape[1:3]
     size = working_size(h0, w0, min(WORK_SIDE, max(h0, w0)))
     picks = _pick(len(frames), MAX_FRAMES)
-    grays = np.stack([_normalised(gray_at(frames[i], size)) for i in picks])  # (K, h, w) float32
+    # (K, H, W) uint8: the caller's luma, or the picked frames' own
+    lumas = check_luma(luma, frames, "static_overlay")[picks] if luma is not None else check_luma(None, frames[picks], "")
+    grays = np.stack([_normalised(shrink(g, size)) for g in lumas])  # (K, h, w) float32
     changing = grays.std(axis=0) > CHANGE_MIN                          # (h, w) bool
     grads = np.stack([_fine_gradient(g) for g in grays])               # (K, 2, h, w)
     mean_grad, persist_sq, coherence = _persistence(grads)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from pipeline.scoring._frames import check_frames, working_size
+from pipeline.scoring._frames import check_frames, check_luma, working_size
 
 WORK_SIDE = 256
 SMOOTH = 1.0  # working-pixel Gaussian that fixes the measured band (see _working_luma)
@@ -46,7 +46,7 @@ class Sharpness:
     per_frame: tuple[float, ...]
 
 
-def _working_luma(frame_rgb: np.ndarray) -> np.ndarray:
+def _working_luma(gray_u8: np.ndarray) -> np.ndarray:
     """Luma on the working grid, band-limited the same way whatever the input size.
 
     Plain area resampling blurs by an amount that depends on the scale ratio (a 320 px frame shrunk
@@ -54,7 +54,7 @@ def _working_luma(frame_rgb: np.ndarray) -> np.ndarray:
     the input size. A Gaussian of ``SMOOTH`` working pixels applied before resampling dominates the
     resampler's own blur, so a sharp frame scores about the same at 640, 384 or 256 px.
     """
-    gray = cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    gray = gray_u8.astype(np.float32)
     w, h = working_size(gray.shape[0], gray.shape[1], WORK_SIDE)
     ratio = max(gray.shape) / WORK_SIDE
     if ratio > 1:
@@ -91,7 +91,12 @@ def frame_sharpness(frame_rgb: np.ndarray) -> float:
     shallow depth-of-field subject is sharp although most of the frame is soft; flat sky or a blank wall, whose
     noise the ratio would promote, carries too little gradient to take part.
     """
-    score, energy = _tile_scores(_working_luma(frame_rgb))
+    return _luma_sharpness(cv2.cvtColor(frame_rgb, cv2.COLOR_RGB2GRAY))
+
+
+def _luma_sharpness(gray_u8: np.ndarray) -> float:
+    """:func:`frame_sharpness` of a frame's (H, W) uint8 luma."""
+    score, energy = _tile_scores(_working_luma(gray_u8))
     detailed = energy >= max(TILE_MIN_GRAD_SQ, float(np.median(energy)))
     if not detailed.any():  # a flat frame (black, a title card): its whole-frame measure
         return float(np.median(score))
@@ -99,11 +104,13 @@ def frame_sharpness(frame_rgb: np.ndarray) -> float:
     return float(top[int(TOP_SHARE * (len(top) - 1)):].mean())
 
 
-def sharpness(frames: np.ndarray) -> Sharpness:
-    """Per-frame focus measure of (N, H, W, 3) uint8 RGB frames, with its minimum, low percentile and median."""
+def sharpness(frames: np.ndarray, *, luma: np.ndarray | None = None) -> Sharpness:
+    """Per-frame focus measure of (N, H, W, 3) uint8 RGB frames, with its minimum, low percentile and median.
+
+    ``luma``: the frames' (N, H, W) luma (``_frames.luma``) when the caller has it already."""
     frames = check_frames(frames, "sharpness")
     if len(frames) == 0:
         raise ValueError("sharpness: expected at least one frame, got 0")
-    per = tuple(frame_sharpness(f) for f in frames)
+    per = tuple(_luma_sharpness(g) for g in check_luma(luma, frames, "sharpness"))
     return Sharpness(min=min(per), low=float(np.percentile(per, LOW_PERCENTILE)), median=float(np.median(per)),
                      per_frame=per)

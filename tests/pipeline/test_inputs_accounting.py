@@ -205,7 +205,7 @@ def test_undecodable_name_has_a_key_and_is_shown_escaped():
 def test_a_failure_in_the_scoring_thread_becomes_that_clips_reason(tmp_path, monkeypatch):
     path = _video(tmp_path / "v.mp4", 30)
 
-    def broken(frames):
+    def broken(frames, **kwargs):
         raise RuntimeError("scorer exploded")
 
     monkeypatch.setattr(analyze, "sharpness", broken)
@@ -213,6 +213,21 @@ def test_a_failure_in_the_scoring_thread_becomes_that_clips_reason(tmp_path, mon
     assert res.reject is None and res.clips
     for c in res.clips:
         assert c.record["reject_reasons"] == ["score_failed: RuntimeError: scorer exploded"]
+        assert c.frames is None
+
+
+def test_a_failure_in_the_tail_scoring_thread_becomes_that_clips_reason(tmp_path, monkeypatch):
+    # The clips scored after the decode has ended run their motion in a second thread: its error is the clip's too.
+    path = _video(tmp_path / "v.mp4", 30)
+
+    def broken(frames, times, **kwargs):
+        raise RuntimeError("motion exploded")
+
+    monkeypatch.setattr(analyze, "motion", broken)
+    res = analyze_video(str(path), DecodeConfig(), SceneCutConfig(), PrefilterConfig())
+    assert res.reject is None and res.clips
+    for c in res.clips:
+        assert c.record["reject_reasons"] == ["score_failed: RuntimeError: motion exploded"]
         assert c.frames is None
 
 

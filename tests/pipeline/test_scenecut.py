@@ -285,3 +285,15 @@ def test_frame_scores_and_cuts_equal_pyscenedetects_own_bit_for_bit(luma_only: b
             assert ours._frame_score == stock._frame_score, (type(stock).__name__, i)
         assert cuts_ours == cuts_stock
     assert_cuts_match(cuts_ours, truth)  # the content detector found the joins (sanity: the frames are real cuts)
+    # The adaptive detector's timecode-free path (what CutDetector calls) gives the stock detector's cuts, with
+    # PySceneDetect's default minimum scene length and with the product's (every cut recorded).
+    for min_len in (15, 1):
+        ours, stock = _Adaptive(luma_only=luma_only, min_scene_len=min_len), \
+            AdaptiveDetector(luma_only=luma_only, min_scene_len=min_len)
+        cuts_ours, cuts_stock = [], []
+        for i, rgb in enumerate(frames):
+            bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+            cuts_ours += ours.process(i, bgr)
+            cuts_stock += [t.frame_num for t in stock.process_frame(FrameTimecode(i, FPS), bgr)]
+        assert cuts_ours == cuts_stock, min_len
+        assert_cuts_match(cuts_ours, truth)
