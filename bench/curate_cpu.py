@@ -8,14 +8,18 @@ Generates a 30 s 640x360 H.264 clip (moving texture with hard cuts), then times,
      onnxruntime thread as an actor gets), on
      the frames the curation hands it (``[decode] model_fps`` per second at the analysis size), printed
      apart: it runs in its own actor pool, not in the CPU stages above.
+The three are timed in rounds, one run of each per round, so a drift of the machine's speed (here the scenedetect
+command line alone read 700-910 frames/s at different times of one session) moves all three alike; each ratio is
+the median over rounds of that round's ratio, and the frames/s lines are each one's best round.
 Last line: ratio_vs_decode=X ratio_vs_scenedetect=Y  (targets: >= 1.0 and >= 1.5).
 
-    python bench/curate_cpu.py [--seconds 30] [--repeat 2]
+    python bench/curate_cpu.py [--seconds 30] [--repeat 5]
 """
 from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -95,13 +99,14 @@ def ocr_frames(path: Path) -> np.ndarray:
     return np.stack([f for i, f in open_frames(path, info, max_side=DecodeConfig().max_side) if i % every == 0])
 
 
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
 def best_of(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(timed(fn) for _ in range(repeat))
 
 
 def main() -> None:
@@ -109,7 +114,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=30.0)
-    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=5, help="rounds (one run of each of the three per round)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "bench_640x360.mp4"
@@ -117,16 +122,21 @@ def main() -> None:
         mbit = clip.stat().st_size * 8 / 1e6 / args.seconds
         print(f"clip: {clip.name} {n} frames, {clip.stat().st_size / 1e6:.1f} MB, {mbit:.2f} Mbit/s")
         cpu_stages(clip)  # warm imports and caches outside the timed runs
-        t_dec = best_of(lambda: plain_decode(clip), args.repeat)
-        t_cpu = best_of(lambda: cpu_stages(clip), args.repeat)
-        t_sd = best_of(lambda: scenedetect_cli(clip, Path(tmp)), args.repeat)
+        rounds = []  # (decode, CPU stages, scenedetect) seconds, one round each
+        for _ in range(args.repeat):
+            rounds.append((timed(lambda: plain_decode(clip)), timed(lambda: cpu_stages(clip)),
+                           timed(lambda: scenedetect_cli(clip, Path(tmp)))))
         from pipeline.models.ocr import TextDetector
 
         sampled = ocr_frames(clip)
         ocr = TextDetector(threads=1)
         ocr.text_regions(sampled[:2])  # onnxruntime's first run allocates
         t_ocr = best_of(lambda: ocr.text_regions(sampled), args.repeat)
+    t_dec, t_cpu, t_sd = (min(r[k] for r in rounds) for k in range(3))
     fps_dec, fps_cpu, fps_sd = n / t_dec, n / t_cpu, n / t_sd
+    vs_dec = statistics.median(d / c for d, c, _ in rounds)
+    vs_sd = statistics.median(sd / c for _, c, sd in rounds)
+    print("rounds (s): " + "  ".join(f"decode {d:.3f} cpu {c:.3f} scenedetect {sd:.3f}" for d, c, sd in rounds))
     print(f"plain decode (PyAV, full res, rgb24): {fps_dec:8.1f} frames/s")
     print(f"CPU stages (decode+cut+scores):      {fps_cpu:8.1f} frames/s")
     print(f"scenedetect CLI (detect-adaptive):   {fps_sd:8.1f} frames/s")
@@ -134,7 +144,7 @@ def main() -> None:
     print(f"OCR stage (PP-OCRv4 det+read, 1 thread): {rate:8.1f} frames/s on {len(sampled)} frames "
           f"{sampled.shape[2]}x{sampled.shape[1]} ({ocr.provider}), "
           f"{rate / DecodeConfig().model_fps:.1f} video seconds/s")
-    print(f"ratio_vs_decode={fps_cpu / fps_dec:.2f} ratio_vs_scenedetect={fps_cpu / fps_sd:.2f}")
+    print(f"ratio_vs_decode={vs_dec:.2f} ratio_vs_scenedetect={vs_sd:.2f}")
 
 
 if __name__ == "__main__":
