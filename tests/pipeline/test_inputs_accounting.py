@@ -202,32 +202,19 @@ def test_undecodable_name_has_a_key_and_is_shown_escaped():
     assert uri_key("a.mp4") == uri_key(shown("a.mp4"))
 
 
-def test_a_failure_in_the_scoring_thread_becomes_that_clips_reason(tmp_path, monkeypatch):
+@pytest.mark.parametrize("scorer", ["sharpness", "motion"])
+def test_a_failure_in_a_scoring_thread_becomes_that_clips_reason(tmp_path, monkeypatch, scorer):
+    # Clips are scored in a worker thread; those scored after the decode has ended run their motion in a second one.
     path = _video(tmp_path / "v.mp4", 30)
 
-    def broken(frames, **kwargs):
-        raise RuntimeError("scorer exploded")
+    def broken(*args, **kwargs):
+        raise RuntimeError(f"{scorer} exploded")
 
-    monkeypatch.setattr(analyze, "sharpness", broken)
+    monkeypatch.setattr(analyze, scorer, broken)
     res = analyze_video(str(path), DecodeConfig(), SceneCutConfig(), PrefilterConfig())
     assert res.reject is None and res.clips
     for c in res.clips:
-        assert c.record["reject_reasons"] == ["score_failed: RuntimeError: scorer exploded"]
-        assert c.frames is None
-
-
-def test_a_failure_in_the_tail_scoring_thread_becomes_that_clips_reason(tmp_path, monkeypatch):
-    # The clips scored after the decode has ended run their motion in a second thread: its error is the clip's too.
-    path = _video(tmp_path / "v.mp4", 30)
-
-    def broken(frames, times, **kwargs):
-        raise RuntimeError("motion exploded")
-
-    monkeypatch.setattr(analyze, "motion", broken)
-    res = analyze_video(str(path), DecodeConfig(), SceneCutConfig(), PrefilterConfig())
-    assert res.reject is None and res.clips
-    for c in res.clips:
-        assert c.record["reject_reasons"] == ["score_failed: RuntimeError: motion exploded"]
+        assert c.record["reject_reasons"] == [f"score_failed: RuntimeError: {scorer} exploded"]
         assert c.frames is None
 
 
