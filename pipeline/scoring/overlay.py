@@ -51,6 +51,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from pipeline.scoring import _frames
 from pipeline.scoring._frames import check_frames, check_luma, shrink, working_size
 
 WORK_SIDE = 192
@@ -153,7 +154,7 @@ def clip_overlay(frames: np.ndarray, *, luma: np.ndarray | None = None) -> tuple
     size = working_size(h0, w0, min(WORK_SIDE, max(h0, w0)))
     picks = _pick(len(frames), MAX_FRAMES)
     # (K, H, W) uint8: the caller's luma, or the picked frames' own
-    lumas = check_luma(luma, frames, "static_overlay")[picks] if luma is not None else check_luma(None, frames[picks], "")
+    lumas = check_luma(luma, frames, "static_overlay")[picks] if luma is not None else _frames.luma(frames[picks])
     grays = np.stack([_normalised(shrink(g, size)) for g in lumas])  # (K, h, w) float32
     changing = grays.std(axis=0) > CHANGE_MIN                          # (h, w) bool
     grads = np.stack([_fine_gradient(g) for g in grays])               # (K, 2, h, w)
