@@ -1081,7 +1081,11 @@ def _resized(plane: np.ndarray, steps: list[tuple[tuple[int, int], int]], dst: n
     for (wh, interpolation) in steps[:-1]:
         plane = cv2.resize(plane, wh, interpolation=interpolation)
     wh, interpolation = steps[-1]
-    return cv2.resize(plane, wh, dst=dst, interpolation=interpolation)
+    out = cv2.resize(plane, wh, dst=dst, interpolation=interpolation)
+    if dst is not None and out is not dst:  # OpenCV allocates anew when dst does not fit: the caller reads dst
+        raise ValueError(f"expected to resize into the given {dst.shape} {dst.dtype} buffer, OpenCV made a "
+                         f"{out.shape} {out.dtype} array instead")
+    return out
 
 
 def _shrink_plane(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
