@@ -711,7 +711,10 @@ def _prefetched(source: Iterator, depth: int, *, name: str, chunk: int = 1) -> I
     finally:
         # The consumer stopped early (or finished): let the worker see it and close the decoder.
         stop.set()
-        worker.join()
+        # A generator dropped with an exception's traceback is closed by whichever thread's garbage collection
+        # frees it, which can be the worker itself: it sees `stop` and ends without being waited for.
+        if worker is not threading.current_thread():
+            worker.join()
 
 
 def open_frames(path: str | Path, info: MediaInfo, *, max_side: int | None = None,

@@ -81,3 +81,30 @@ def test_decode_ahead_in_chunks_keeps_order_and_delivers_what_came_before_an_err
     stream = _prefetched(source(None), 16, name="t", chunk=chunk)
     assert [next(stream), next(stream)] == [0, 1]
     stream.close()  # a consumer that stops early ends the worker instead of hanging on a full queue
+
+
+def test_decode_ahead_closed_from_its_own_worker_thread_ends_cleanly():
+    # Garbage collection can free (and so close) a dropped prefetching generator on any thread, its own worker's
+    # included; that must not try to wait for itself ("cannot join current thread").
+    import threading
+
+    from pipeline.media import _prefetched
+
+    consumer_out, attempted, outcome = threading.Event(), threading.Event(), {}
+
+    def source():
+        yield 0
+        assert consumer_out.wait(30), "the consumer never took the first item"
+        try:
+            stream.close()  # runs on the worker thread, while the consumer is outside the generator
+            outcome["closed"] = True
+        except BaseException as e:  # noqa: BLE001 - recorded for the assertion below
+            outcome["error"] = e
+        attempted.set()
+        yield 1
+
+    stream = _prefetched(source(), 4, name="t")
+    assert next(stream) == 0
+    consumer_out.set()
+    assert attempted.wait(30), "the worker never reached its close"
+    assert outcome == {"closed": True}, outcome
