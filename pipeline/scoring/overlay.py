@@ -46,6 +46,7 @@ on a static camera with one moving object, background edges next to the object's
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import cv2
@@ -108,20 +109,36 @@ def _normalised(gray: np.ndarray) -> np.ndarray:
     return (g - float(mean[0, 0])) * (NORM_STD / max(float(std[0, 0]), FLAT_STD)) + 128.0
 
 
-def _fine_gradient(gray: np.ndarray) -> np.ndarray:
-    """(2, h, w) gradient of the fine-detail band, in luma levels per pixel."""
-    # Only fine detail: coarse content structure stays correlated over a slow pan and would average
-    # into persistent streaks along the motion, while a mark's edges are sharp.
-    fine = gray - cv2.GaussianBlur(gray, (0, 0), HIGHPASS_SIGMA)
-    # Sobel of a unit ramp is 8.
-    return np.stack([cv2.Sobel(fine, cv2.CV_32F, 1, 0, ksize=3), cv2.Sobel(fine, cv2.CV_32F, 0, 1, ksize=3)]) / 8.0
+def _fine_gradients(grays: Iterable[np.ndarray], k: int, h: int, w: int) -> np.ndarray:
+    """(k, 2, h, w) gradients of the fine-detail band of ``k`` (h, w) float32 frames, in luma levels per pixel.
+
+    Written frame by frame into one array: a clip's stack is ~2 MB, and stacking per-frame copies (then dividing
+    into a third array) made the allocator hand pages back and fault them in again on every clip."""
+    grads = np.empty((k, 2, h, w), np.float32)
+    for i, gray in enumerate(grays):
+        # Only fine detail: coarse content structure stays correlated over a slow pan and would average
+        # into persistent streaks along the motion, while a mark's edges are sharp.
+        fine = gray - cv2.GaussianBlur(gray, (0, 0), HIGHPASS_SIGMA)
+        for axis, (dx, dy) in enumerate(((1, 0), (0, 1))):
+            row = grads[i, axis]
+            if cv2.Sobel(fine, cv2.CV_32F, dx, dy, dst=row, ksize=3) is not row:
+                raise ValueError(f"expected Sobel to write into the (h, w) = {(h, w)} float32 row of the gradient "
+                                 f"stack, got a frame of shape {fine.shape}")
+    grads /= 8.0  # Sobel of a unit ramp is 8
+    return grads
 
 
-def _persistence(grads: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """mean_t g (2, h, w), |mean_t g|^2 and coherence |mean_t g|^2 / mean_t |g|^2 of (K, 2, h, w) gradients."""
+def _persistence(grads: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """mean_t g (2, h, w), |mean_t g|^2, coherence |mean_t g|^2 / mean_t |g|^2 and mean_t |g|^2 of (K, 2, h, w)
+    gradients."""
     mean = grads.mean(axis=0)                                          # (2, h, w)
     persist_sq = (mean * mean).sum(axis=0)
-    return mean, persist_sq, persist_sq / ((grads * grads).sum(axis=1).mean(axis=0) + 1e-6)
+    # |g|^2 frame by frame (the same sums as squaring the whole stack, without its 2 MB square)
+    sq = np.multiply(grads[:, 0], grads[:, 0])                         # (K, h, w)
+    for i in range(len(grads)):
+        sq[i] += grads[i, 1] * grads[i, 1]
+    energy = sq.mean(axis=0)                                           # (h, w)
+    return mean, persist_sq, persist_sq / (energy + 1e-6), energy
 
 
 def _global_shifts(grays: np.ndarray) -> np.ndarray:
@@ -157,10 +174,10 @@ def clip_overlay(frames: np.ndarray, *, luma: np.ndarray | None = None) -> tuple
     lumas = check_luma(luma, frames, "static_overlay")[picks] if luma is not None else _frames.luma(frames[picks])
     grays = np.stack([_normalised(shrink(g, size)) for g in lumas])  # (K, h, w) float32
     changing = grays.std(axis=0) > CHANGE_MIN                          # (h, w) bool
-    grads = np.stack([_fine_gradient(g) for g in grays])               # (K, 2, h, w)
-    mean_grad, persist_sq, coherence = _persistence(grads)
-    maps = ClipMaps(mean_grad=mean_grad, energy=(grads * grads).sum(axis=1).mean(axis=0), luma=grays.mean(axis=0),
-                    changing=changing, frames=len(grays))
+    grads = _fine_gradients(grays, *grays.shape)                       # (K, 2, h, w)
+    mean_grad, persist_sq, coherence, energy = _persistence(grads)
+    del grads
+    maps = ClipMaps(mean_grad=mean_grad, energy=energy, luma=grays.mean(axis=0), changing=changing, frames=len(grays))
     if not changing.any():
         return NONE, maps
     strong = (persist_sq > EDGE_MIN**2) & (coherence > COHERENCE_MIN)
@@ -168,8 +185,8 @@ def clip_overlay(frames: np.ndarray, *, luma: np.ndarray | None = None) -> tuple
     if np.ptp(shifts, axis=0).max() >= JITTER_MIN_PX:
         # The camera moves: an edge that is as persistent once the frames are aligned on the scene
         # belongs to the scene (shake, slow pan), not to a mark fixed to the frame.
-        aligned = np.stack([_fine_gradient(_shift(g, -dx, -dy)) for g, (dx, dy) in zip(grays, shifts)])
-        _, _, coherence_scene = _persistence(aligned)
+        aligned = _fine_gradients((_shift(g, -dx, -dy) for g, (dx, dy) in zip(grays, shifts)), *grays.shape)
+        _, _, coherence_scene, _ = _persistence(aligned)
         strong &= coherence - coherence_scene > FRAME_OVER_SCENE
     return _judge(strong, changing, mean_grad, persist_sq, coherence), maps
 
