@@ -284,7 +284,7 @@ def _iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, pref
             source = ((i, None, f) for i, f in media.open_frames(path, info, max_side=decode.max_side, backend="decord"))
         else:
             source = media.iter_analysis(path, info, detect_width=scenecut.detect_width, max_side=decode.max_side,
-                                         keep=keep, damage=damage)
+                                         keep=keep, damage=damage, threads=decode.threads)
         for index, small, frame in source:
             n_decoded += 1
             if index != last + 1:  # frames [last + 1, index) are damaged: close the scene before, no clip spans them

@@ -70,6 +70,16 @@ _HANDOFF_CHUNK = 8
 # CPU a kept frame, and the CPU stage ran 2 % slower (10 paired runs). The conversion is the same pixel for pixel.
 _SWS_THREADS = 1
 
+# The curation decode (iter_analysis, threads=0) decodes frames up to this many coded pixels in one thread and larger
+# ones with FFmpeg's frame threads. Frame threads cost 5-8 % more CPU for the same frames (copied decoder state, hand-
+# overs), and below this size the decode is no longer the bulk of a frame's work: the conversions, scene cut and
+# scorers (all at <= 384 px) keep the other core busy. Measured with analyze_video, 4-8 alternating runs of each on
+# 2 cores: one thread took 0.875-0.98 of the wall time on the long clips here at 640x360 to 854x480 (bench clip,
+# bottle-detection, one-by-one-person-detection, car-detection; generated 768x432 and 854x480) and 1.01-1.07 on the
+# short ones (friday, again, stream-of-water: 3-6 s, one scene, nothing to score until the end), 9 % less in total;
+# at 960x540 and above frame threads win (one thread: 1.14 at 960x540, 1.15 at 720p, 1.31 at 1080p).
+SINGLE_THREAD_MAX_PIXELS = 480_000
+
 # A frame duration more than this far from the median marks the stream as variable frame rate.
 _VFR_TOLERANCE = 0.1
 # ... unless fewer than this share of the durations deviate (one dropped frame is not VFR).
@@ -844,12 +854,23 @@ def _decode_tolerant(container: av.container.InputContainer, stream: av.VideoStr
         return  # unreadable tail (truncated file): the caller's count check reports it
 
 
-def _counted_frames(path: Path, info: MediaInfo) -> Iterator[tuple[int, av.VideoFrame]]:
+def _set_threads(stream: av.VideoStream, threads: int | None) -> None:
+    """libavcodec threading of a decode: None or 0 FFmpeg's automatic frame and slice threads, 1 none, N N threads."""
+    if threads == 1:
+        stream.thread_type = "NONE"
+        stream.codec_context.thread_count = 1
+        return
+    stream.thread_type = "AUTO"
+    if threads:
+        stream.codec_context.thread_count = threads
+
+
+def _counted_frames(path: Path, info: MediaInfo, threads: int | None = None) -> Iterator[tuple[int, av.VideoFrame]]:
     """``(index, frame)`` for the first ``info.frames`` decoded frames; DecodeError if the count differs."""
     produced = 0
     with _open_container(path) as container:
         stream = _video_stream(container, path)
-        stream.thread_type = "AUTO"
+        _set_threads(stream, threads)
         for frame in _decode_tolerant(container, stream):
             if produced < info.frames:  # past probe's count: keep counting for the error message
                 yield produced, frame
@@ -891,7 +912,7 @@ def _index_by_timestamp(path: Path, info: MediaInfo, why: str) -> dict[int, int]
     return {ts: i for i, ts in enumerate(stamps)}
 
 
-def _salvaged_frames(path: Path, info: MediaInfo, damage: list[tuple[int, int]]
+def _salvaged_frames(path: Path, info: MediaInfo, damage: list[tuple[int, int]], threads: int | None = None
                      ) -> Iterator[tuple[int, av.VideoFrame]]:
     """``(index, frame)`` for the frames that decode cleanly; the ``[start, end)`` ranges of the rest are
     appended to ``damage`` when the stream ends. Indices rise strictly but may skip.
@@ -924,7 +945,7 @@ def _salvaged_frames(path: Path, info: MediaInfo, damage: list[tuple[int, int]]
 
     with _open_container(path) as container:
         stream = _video_stream(container, path)
-        stream.thread_type = "AUTO"
+        _set_threads(stream, threads)
         for frame in _decode_events(container, stream):
             lost = isinstance(frame, _Lost)
             if lost or frame.is_corrupt:
@@ -1102,7 +1123,7 @@ def _shrink_plane(plane: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 def iter_analysis(path: str | Path, info: MediaInfo, *, detect_width: int, max_side: int,
                   keep: Callable[[int], bool], prefetch: bool = True,
-                  damage: list[tuple[int, int]] | None = None
+                  damage: list[tuple[int, int]] | None = None, threads: int = 0
                   ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     """One decode of a video for curation: ``(index, small_bgr, rgb_or_None)`` per frame.
 
@@ -1120,20 +1141,27 @@ def iter_analysis(path: str | Path, info: MediaInfo, *, detect_width: int, max_s
     decoded from damaged data, up to the next keyframe) are skipped, so indices may jump, and their
     ``[start, end)`` ranges are appended to the list when the stream ends. ``DecodeError`` still comes
     when no frame decodes cleanly (or frames vanish with no error to place them).
+
+    ``threads``: libavcodec threads (``[decode] threads``); 0 picks one thread for frames of up to
+    ``SINGLE_THREAD_MAX_PIXELS`` coded pixels and FFmpeg's frame threads for larger ones.
     """
     path = Path(path)
     if info.is_image:
         raise ValueError(f"expected a video, got an image: {path}")
+    if threads < 0:
+        raise ValueError(f"threads: expected >= 0 (0: by frame size), got {threads}")
+    if threads == 0:
+        threads = 1 if info.width * info.height <= SINGLE_THREAD_MAX_PIXELS else 0
     src = _guarded(_analysis_frames(path, info, detect_width, output_size(info, max_side), keep, damage,
-                                    prefetch=prefetch), "the analysis decode", path)
+                                    prefetch=prefetch, threads=threads), "the analysis decode", path)
     if not prefetch:
         return src
     return _prefetched(src, _PREFETCH_FRAMES, name=f"analysis decode {path.name}", chunk=_HANDOFF_CHUNK)
 
 
 def _analysis_frames(path: Path, info: MediaInfo, detect_width: int, size: tuple[int, int],
-                     keep: Callable[[int], bool], damage: list[tuple[int, int]] | None, *, prefetch: bool = False
-                     ) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
+                     keep: Callable[[int], bool], damage: list[tuple[int, int]] | None, *, prefetch: bool = False,
+                     threads: int | None = None) -> Iterator[tuple[int, np.ndarray, np.ndarray | None]]:
     w, h = info.width, info.height
     dw = min(detect_width, w) // 4 * 4  # I420 at the small size needs sides divisible by 4 (even chroma rows)
     dsize = (max(4, dw), max(4, round(h * dw / w / 4) * 4))
@@ -1142,7 +1170,8 @@ def _analysis_frames(path: Path, info: MediaInfo, detect_width: int, size: tuple
             small = cv2.cvtColor(_shrink_plane(full, dsize), cv2.COLOR_RGB2BGR)
             yield index, small, _shrink_plane(full, size) if keep(index) else None
         return
-    decoded = _counted_frames(path, info) if damage is None else _salvaged_frames(path, info, damage)
+    decoded = (_counted_frames(path, info, threads) if damage is None
+               else _salvaged_frames(path, info, damage, threads))
     if prefetch:
         # Decoding and the conversions below cost about the same; in two threads (libavcodec, swscale and cv2
         # release the GIL) they overlap on two cores instead of one thread feeding the scene cut alone

@@ -20,11 +20,19 @@ class DecodeConfig:
     # auto/pyav: one PyAV pass that feeds the scene detector from the YUV planes and converts only the
     # kept frames (fastest here); decord: decord's RGB frames for everything (plain CFR H.264/HEVC mp4 only)
     backend: str = "auto"
+    # libavcodec threads of the analysis decode. 0: by frame size (one thread up to SINGLE_THREAD_MAX_PIXELS, FFmpeg's
+    # frame threads, one per CPU of the machine, above); 1: always one thread (least CPU per frame: for a node whose
+    # every CPU runs its own task); N > 1: N frame threads.
+    threads: int = 0
     # Largest video frame (width x height, coded) the analysis decodes; a larger one is a `probe` reject before
     # any frame is decoded (one 16000x16000 frame is 384 MB of YUV, and a decoder holds several). Below it every
     # frame is shrunk to max_side as it is decoded, so what the analysis holds does not grow with the source size.
     # Default: 8K DCI (8192x4320). Still images have their own limit in pipeline.media.
     max_pixels: int = 8192 * 4320
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.threads, int) or self.threads < 0:
+            raise ConfigError(f"[decode] threads: expected an integer >= 0 (0: by frame size), got {self.threads!r}")
 
 
 @dataclass(frozen=True, kw_only=True)

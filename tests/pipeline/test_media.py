@@ -726,13 +726,16 @@ def _zero_packet(src: Path, dst: Path, frame: int) -> Path:
     return dst
 
 
-def _analysis(path: Path, info, damage):
+def _analysis(path: Path, info, damage, threads: int = 0):
     return {i: rgb for i, _, rgb in iter_analysis(path, info, detect_width=64, max_side=160, keep=lambda i: True,
-                                                  damage=damage)}
+                                                  damage=damage, threads=threads)}
 
 
+# One decoder thread (what these small frames get by default) and FFmpeg's frame threads, which report a lost packet
+# frames later: the same frames are lost and kept either way.
+@pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("lost", [100, 121, 128])
-def test_damaged_middle_keeps_the_frames_that_decode_cleanly(tmp_path, lost):
+def test_damaged_middle_keeps_the_frames_that_decode_cleanly(tmp_path, lost, threads):
     clean = _gop15(tmp_path / "clean.mp4", 240)
     path = _zero_packet(clean, tmp_path / "damaged.mp4", lost)
     info = probe(path)
@@ -741,7 +744,7 @@ def test_damaged_middle_keeps_the_frames_that_decode_cleanly(tmp_path, lost):
         list(iter_analysis(path, info, detect_width=64, max_side=160, keep=lambda i: True))
 
     damage: list[tuple[int, int]] = []
-    got = _analysis(path, info, damage)
+    got = _analysis(path, info, damage, threads)
     (start, end), = damage
     # The lost frame and everything up to the next keyframe (frames decoded from concealed data) are out.
     assert start <= lost < end and end % 15 == 0 and end - start <= 30
@@ -752,14 +755,15 @@ def test_damaged_middle_keeps_the_frames_that_decode_cleanly(tmp_path, lost):
         np.testing.assert_array_equal(got[i], ref[i], err_msg=f"frame {i}")
 
 
-def test_truncated_file_with_its_index_keeps_the_head(tmp_path):
+@pytest.mark.parametrize("threads", [1, 3])
+def test_truncated_file_with_its_index_keeps_the_head(tmp_path, threads):
     whole = _gop15(tmp_path / "whole.mp4", 90, faststart=True)  # moov first: the index survives the cut
     data = whole.read_bytes()
     path = tmp_path / "cut.mp4"
     path.write_bytes(data[: len(data) * 3 // 5])
     info = probe(path)
     damage: list[tuple[int, int]] = []
-    got = _analysis(path, info, damage)
+    got = _analysis(path, info, damage, threads)
     assert damage and damage[-1][1] == info.frames and len(damage) == 1
     assert sorted(got) == list(range(damage[0][0])) and len(got) > 30
     ref = _analysis(whole, probe(whole), [])

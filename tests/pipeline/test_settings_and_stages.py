@@ -37,6 +37,16 @@ def test_unknown_config_key_is_named(tmp_path):
         CurateConfig.load(cfg)
 
 
+def test_decode_threads_is_a_count(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[decode]\nthreads = 2\n")
+    assert CurateConfig.load(cfg).decode.threads == 2
+    for bad, says in (("-1", r"\[decode\] threads: expected an integer >= 0"), ('"auto"', "threads: expected int")):
+        cfg.write_text(f"[decode]\nthreads = {bad}\n")
+        with pytest.raises(ConfigError, match=says):
+            CurateConfig.load(cfg)
+
+
 def test_shipped_configs_load():
     real = CurateConfig.load(REPO / "jobs" / "configs" / "curate.toml")
     assert real.models.standins is False
