@@ -238,6 +238,7 @@ class CutDetector:
         self._ready: list[tuple[int, int]] = []
         self._boundaries: list[tuple[int, int]] = []
         self._floor = 0              # position no fade may reach back before (the last boundary's start)
+        self._steady = -1            # the latest position not a fade step darker than the one before it
         self._mid: np.ndarray | None = None
         self._auto = cfg.auto_luma and not cfg.luma_only
         self._gray_run: deque[bool] = deque(maxlen=_GRAY_FRAMES)  # the latest non-black frames: grayscale?
@@ -356,6 +357,8 @@ class CutDetector:
     def _track(self, pos: int, luma: float) -> None:
         black = luma < self.cfg.black_luma
         L = self._luma
+        if pos > 0 and not self._darker(L[pos - 1], luma):
+            self._steady = pos
         if self._open is None:
             if black:
                 start = pos
@@ -400,7 +403,7 @@ class CutDetector:
                 continue  # an edge of a fade or black stretch
             if self._open is not None and c >= self._index[self._open[0]] - _ABSORB:
                 keep.append(c)  # inside the open transition: decided when it closes
-            elif final or self._last_index - c > self._max_fade + _ABSORB:
+            elif final or self._last_index - c > self._max_fade + _ABSORB or self._settled_after(c):
                 self._ready.append((c, c))
             else:
                 keep.append(c)
@@ -414,6 +417,13 @@ class CutDetector:
             b = self._ready.pop(0)
             if not self._boundaries or b[0] >= self._boundaries[-1][1]:
                 self._boundaries.append(b)
+
+    def _settled_after(self, c: int) -> bool:
+        """Whether no fade-out can still start at hard cut ``c`` (and absorb it): a fade's start is walked back from
+        its first black frame over frames each a fade step darker than the one before, so a frame after
+        ``c + _ABSORB`` that is not (with no black frame yet, which opens a transition) bounds every later fade's
+        start above ``c + _ABSORB``. Without it a cut waited ``max_fade_s`` to be final, and its scene to be scored."""
+        return self._steady >= 0 and self._index[self._steady] > c + _ABSORB
 
     def push_bgr(self, index: int, small_bgr: np.ndarray) -> None:
         """Feed frame ``index`` already reduced to about ``detect_width`` wide, in BGR (the decode path

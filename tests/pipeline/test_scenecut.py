@@ -226,6 +226,36 @@ def test_fade_through_black_is_one_boundary_cut_out_of_the_clips() -> None:
     assert det.boundaries_so_far == [(t.start, t.end)]
 
 
+def _first_seen(frames: list[np.ndarray]) -> tuple[CutDetector, dict[tuple[int, int], int]]:
+    """Stream ``frames``; the frame after which each boundary first showed in ``boundaries_so_far``."""
+    det = CutDetector(SceneCutConfig(), FPS)
+    seen: dict[tuple[int, int], int] = {}
+    for i, f in enumerate(frames):
+        det.push(i, f)
+        for b in det.boundaries_so_far:
+            seen.setdefault(b, i)
+    det.finish()
+    return det, seen
+
+
+def test_a_hard_cut_is_final_as_soon_as_no_fade_can_start_at_it() -> None:
+    # The clips before a cut are scored once it is final: a few frames after it when the next scene does not darken,
+    # not max_fade_s (2 s, 48 frames here) later.
+    frames, truth = join(panning_scene(1, 80), panning_scene(2, 120))
+    det, seen = _first_seen(frames)
+    assert det.boundaries_so_far == [(80, 80)]
+    assert seen[(80, 80)] <= 80 + 6, seen
+
+
+def test_a_cut_into_a_fade_out_waits_and_is_absorbed_by_it() -> None:
+    black = [np.zeros_like(panning_scene(1, 1)[0])] * 6
+    frames = panning_scene(1, 60) + faded(panning_scene(2, 14), fade_out=12) + black + faded(panning_scene(3, 60), fade_in=12)
+    det, seen = _first_seen(frames)
+    (t,) = det.transitions
+    assert 60 <= t.start <= 62, t  # the fade-out starts right at the cut to its scene ...
+    assert det.boundaries_so_far == [(t.start, t.end)], det.boundaries_so_far  # ... which is its edge, not a cut
+
+
 def test_black_at_start_and_end_is_no_cut() -> None:
     black = [np.zeros_like(panning_scene(1, 1)[0])] * 10
     frames = black + faded(panning_scene(1, 60), fade_in=8, fade_out=8) + black
