@@ -174,6 +174,8 @@ def iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, prefi
     (its ``clips`` empty; ``video["num_clips"]`` says how many came before it). A reject may follow clips already
     yielded (a decode that fails without salvage after them): those clips then belong to no video.
 
+    Sets OpenCV's thread count for the process it runs in to ``decode.opencv_threads`` (unless 0).
+
     Nothing an input does escapes: a non-MediaError anywhere becomes a reject (stage ``analyze``) and one raised
     while scoring a clip becomes that clip's ``score_failed`` reject reason. Memory: only the open scene's
     analysis frames are held, and a scene longer than ``STREAM_SPLIT_CLIPS`` maximum clips is cut into
@@ -187,6 +189,8 @@ def iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, prefi
 
 def _iter_analyze(uri: str, decode: DecodeConfig, scenecut: SceneCutConfig, prefilter: PrefilterConfig
                   ) -> Iterator[ClipResult | VideoResult]:
+    if decode.opencv_threads and cv2.getNumThreads() != decode.opencv_threads:
+        cv2.setNumThreads(decode.opencv_threads)  # per process (see DecodeConfig.opencv_threads)
     path = Path(uri)
     try:
         video_id = media.content_hash(path)

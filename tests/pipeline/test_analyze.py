@@ -1,6 +1,7 @@
 """The CPU stage on the built-in sample: both decode paths agree; bad inputs become rejects."""
 from __future__ import annotations
 
+import cv2
 import pytest
 
 from pipeline.analyze import analyze_video
@@ -25,3 +26,21 @@ def test_every_bad_input_is_a_reject_not_an_exception(bad_inputs):
         res = analyze_video(str(path), DecodeConfig(), SceneCutConfig(), PrefilterConfig())
         assert res.video is None and res.reject is not None, kind
         assert res.reject["uri"] == str(path) and "expected" in res.reject["message"], res.reject
+
+
+def test_thread_settings_change_the_cpu_used_not_the_results(sample_dir):
+    """One decoder thread or frame threads, OpenCV's own pool or one thread: the same cuts, clips and scores."""
+    path = str(sample_dir / "cuts.mp4")
+    before = cv2.getNumThreads()
+    try:
+        cv2.setNumThreads(2)
+        pooled = analyze_video(path, DecodeConfig(threads=3, opencv_threads=0), SceneCutConfig(), PrefilterConfig())
+        assert cv2.getNumThreads() == 2  # 0: OpenCV's setting is left alone
+        lean = analyze_video(path, DecodeConfig(threads=1, opencv_threads=1), SceneCutConfig(), PrefilterConfig())
+        assert cv2.getNumThreads() == 1  # set for the process the analysis runs in
+    finally:
+        cv2.setNumThreads(before)
+    assert pooled.video["cut_frames"] == lean.video["cut_frames"] and pooled.clips
+    for x, y in zip(pooled.clips, lean.clips, strict=True):
+        assert x.record == y.record
+        assert (x.frames == y.frames).all() and x.preview == y.preview

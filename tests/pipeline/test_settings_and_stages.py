@@ -45,6 +45,9 @@ def test_decode_threads_is_a_count(tmp_path):
         cfg.write_text(f"[decode]\nthreads = {bad}\n")
         with pytest.raises(ConfigError, match=says):
             CurateConfig.load(cfg)
+    cfg.write_text("[decode]\nopencv_threads = -2\n")
+    with pytest.raises(ConfigError, match=r"\[decode\] opencv_threads: expected an integer >= 0"):
+        CurateConfig.load(cfg)
 
 
 def test_shipped_configs_load():
